@@ -1,0 +1,1 @@
+"""Sub-commands of the ``epd`` command line; each module defines ``add_parser(subparsers)``."""

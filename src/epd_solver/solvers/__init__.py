@@ -1,0 +1,1 @@
+"""Built-in training-free samplers (importing this package registers them)."""
