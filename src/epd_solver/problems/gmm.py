@@ -75,41 +75,53 @@ class GaussianMixture(Denoiser):
         return cov
 
     # -- exact quantities ---------------------------------------------------------------------------
+    # Everything is written as GEMMs against the stacked bases (d, K*r) so that no (B, K, d) tensor is
+    # ever formed: cost O(B d K r), which keeps d = 3072 cheap on a CPU.
+    def _stacked(self):
+        if not hasattr(self, "_cache"):
+            k, d, r = self.bases.shape
+            q_all = self.bases.permute(1, 0, 2).reshape(d, k * r)
+            mu_proj = torch.einsum("kd,kdr->kr", self.means, self.bases)
+            self._cache = (q_all, mu_proj, (self.means**2).sum(-1))
+        return self._cache
+
     def _terms(self, x: torch.Tensor, sigma: torch.Tensor):
+        q_all, mu_proj, mu_sq = self._stacked()
+        k, d, r = self.bases.shape
         x = x.reshape(x.shape[0], -1).to(torch.float64)
-        s2 = sigma.to(torch.float64).reshape(-1, 1, 1) ** 2                    # (B,1,1)
-        y = x[:, None, :] - self.means[None]                                   # (B,K,d)
-        proj = torch.einsum("bkd,kdr->bkr", y, self.bases)                     # (B,K,r)
-        lam = self.eigvals[None] + s2                                          # (B,K,r)
+        s2 = sigma.to(torch.float64).reshape(-1, 1) ** 2                       # (B,1)
+        proj = (x @ q_all).reshape(-1, k, r) - mu_proj[None]                   # Q_k^T (x - mu_k): (B,K,r)
+        lam = self.eigvals[None] + s2[..., None]                               # (B,K,r)
         logdet = lam.log().sum(-1)
         maha = (proj**2 / lam).sum(-1)
         if not self.full_rank:
-            iso = self.iso[None, :] + s2[..., 0]                               # (B,K)
-            resid = (y**2).sum(-1) - (proj**2).sum(-1)
-            logdet = logdet + (self.dim - proj.shape[-1]) * iso.log()
+            iso = self.iso[None, :] + s2                                       # (B,K)
+            y_sq = (x**2).sum(-1, keepdim=True) - 2 * x @ self.means.T + mu_sq[None]
+            resid = (y_sq - (proj**2).sum(-1)).clamp_min(0)
+            logdet = logdet + (d - r) * iso.log()
             maha = maha + resid / iso
-        logp = self.weights.log()[None] - 0.5 * (logdet + maha + self.dim * math.log(2 * math.pi))
-        return x, y, proj, lam, logp, s2
+        logp = self.weights.log()[None] - 0.5 * (logdet + maha + d * math.log(2 * math.pi))
+        return x, proj, lam, logp, s2
 
     def log_prob(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """log p_sigma(x) of the noisy marginal, shape (B,)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        return torch.logsumexp(self._terms(x, sigma)[4], dim=1)
+        return torch.logsumexp(self._terms(x, sigma)[3], dim=1)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         if cond:
             raise TypeError(f"a Gaussian mixture takes no conditioning, got {sorted(cond)}")
         if x[0].numel() != self.dim:
             raise ValueError(f"mixture of dimension {self.dim} got samples of shape {tuple(x.shape[1:])}")
-        xf, y, proj, lam, logp, s2 = self._terms(x, sigma)
+        q_all, _, _ = self._stacked()
+        xf, proj, lam, logp, s2 = self._terms(x, sigma)
         resp = torch.softmax(logp, dim=1)                                      # (B,K)
-        shrink = (lam - s2) / lam                                              # lam_k / (lam_k + s^2)
-        mean_k = self.means[None] + torch.einsum("bkr,kdr->bkd", shrink * proj, self.bases)
-        if not self.full_rank:
-            iso = self.iso[None, :, None] + s2                                 # (B,K,1)
-            resid = y - torch.einsum("bkr,kdr->bkd", proj, self.bases)
-            mean_k = mean_k + (self.iso[None, :, None] / iso) * resid
-        out = torch.einsum("bk,bkd->bd", resp, mean_k)
+        shrink = self.eigvals[None] / lam                                      # lam_k / (lam_k + s^2)
+        # E[x0 | x, k] = mu_k + Q_k (shrink - rho) Q_k^T (x - mu_k) + rho (x - mu_k), rho = iso/(iso + s^2)
+        rho = (self.iso[None] / (self.iso[None] + s2)) if not self.full_rank else torch.zeros_like(resp)
+        coef = resp[..., None] * (shrink - rho[..., None]) * proj              # (B,K,r)
+        out = coef.reshape(xf.shape[0], -1) @ q_all.T
+        out = out + (resp * (1 - rho)) @ self.means + (resp * rho).sum(-1, keepdim=True) * xf
         return out.reshape(x.shape).to(x.dtype)
 
     # -- sampling -----------------------------------------------------------------------------------

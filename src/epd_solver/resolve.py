@@ -1,0 +1,59 @@
+"""Turn a model name from the command line into a denoiser.
+
+Names: ``digits`` (the bundled trained U-Net, the default), ``gmm:digits`` / ``gmm:synthetic`` (exact
+Gaussian-mixture problems), ``diffusers:PATH`` (a local diffusers folder) and ``module:function`` (a Python
+callable returning a denoiser, e.g. ``mypkg.models:load``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["load_model", "DEFAULT_MODEL", "sample_shape"]
+
+DEFAULT_MODEL = "digits"
+
+
+def load_model(name: str = DEFAULT_MODEL) -> Any:
+    """Resolve ``name`` (see module docstring) to a denoiser with ``sigma_min``, ``sigma_max`` and ``shape``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("a model name must be a non-empty string")
+    if name == "digits":
+        from .models import load_default_model
+
+        return load_default_model()
+    if name.startswith("gmm:"):
+        from .problems import get_problem
+
+        return get_problem(name)
+    if name.startswith("diffusers:"):
+        from .integrations.diffusers import load_diffusers_model
+
+        return load_diffusers_model(name.split(":", 1)[1])
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e})") from None
+        try:
+            factory = getattr(module, attr)
+        except AttributeError:
+            raise ValueError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}") from None
+        if not callable(factory):
+            raise ValueError(f"model {name!r}: {attr!r} must be a function returning a denoiser")
+        model = factory()
+        if not callable(model):
+            raise ValueError(f"model {name!r} did not give a callable denoiser")
+        return model
+    raise ValueError(f"unknown model {name!r}: use 'digits', 'gmm:digits', 'gmm:synthetic', 'diffusers:PATH' "
+                     "or 'module:function'")
+
+
+def sample_shape(model: Any, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The per-sample shape of ``model``'s data (its ``shape`` attribute unless given)."""
+    shape = shape or getattr(model, "shape", None)
+    if not shape:
+        raise ValueError("the model has no `shape` attribute: pass the per-sample shape explicitly")
+    return tuple(int(s) for s in shape)
