@@ -1,0 +1,103 @@
+"""Learned samplers in the k-diffusion convention: "epd", "epd_plugin", "amed", "amed_plugin".
+
+Each takes ``params=`` (an :class:`EPDParams` of its own solver kind, or a path to a parameter file) and
+``strategy=`` ("batched" | "sequential"). The shared ``register_sampler`` wrapper validates inputs, counts
+NFE, handles a trailing sigma = 0 (x <- D(x; sigma_min), +1 NFE) and ``return_info``.
+
+"amed" is AMED-Solver (BASELINES §1.7) as the K = 1 EPD step with a per-step table of r, c, a instead of
+AMED's small feature network (the same table for every sample); "amed_plugin" is AMED-Plugin over iPNDM
+(BASELINES §1.8) with the same kind of table.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+from ..denoisers import model_info
+from ..sampling import NFECounter, register_sampler
+from .params import EPDParams, ParamsMismatchError
+from .step import amed_plugin_rollout, rollout
+
+__all__ = ["sample_epd", "sample_epd_solver", "sample_epd_plugin", "sample_amed", "sample_amed_plugin"]
+
+
+def _resolve(params: Any, solver: str, sigmas: torch.Tensor, model: Any) -> EPDParams:
+    if params is None:
+        raise TypeError(f"sampler {solver!r} needs params= (an EPDParams or the path of a parameter file)")
+    if isinstance(params, (str, os.PathLike)):
+        params = EPDParams.load(params)
+    if not isinstance(params, EPDParams):
+        raise TypeError(f"params must be an EPDParams or a path, got {type(params).__name__}")
+    if params.solver != solver:
+        raise ParamsMismatchError(f"sampler {solver!r} got parameters of solver kind {params.solver!r}; "
+                                  f"use sample_epd(...) or the sampler {params.solver!r}")
+    params.check_compatible(sigmas=sigmas)
+    info = model_info(model.model if isinstance(model, NFECounter) else model)
+    want_kind = params.meta.get("model_kind")
+    if want_kind is not None and info["kind"] != "callable" and info["kind"] != want_kind:
+        raise ParamsMismatchError(f"parameters were distilled for a {want_kind!r} model, got a {info['kind']!r} one")
+    want_w, have_w = params.meta.get("guidance_scale"), info["guidance_scale"]
+    if want_w is not None and have_w is not None and abs(float(want_w) - float(have_w)) > 1e-9:
+        raise ParamsMismatchError(f"parameters were distilled at guidance scale {want_w}, the model uses {have_w}")
+    return params
+
+
+def _run(solver: str, model, x, sigmas, extra_args, callback, disable, params, strategy) -> torch.Tensor:
+    params = _resolve(params, solver, sigmas, model)
+    run = amed_plugin_rollout if solver == "amed_plugin" else rollout
+    with torch.no_grad():
+        return run(model, x, sigmas, *params.natural(x.dtype, x.device), afs=params.afs,
+                   plugin_order=params.plugin_order, extra_args=extra_args, strategy=strategy, callback=callback,
+                   disable=disable)
+
+
+@register_sampler("epd", rounds_per_step=2, family="learned", learned=True)
+def sample_epd_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
+                      strategy="batched"):
+    """EPD-Solver: K learned parallel directions per step, one batched call (EPD.md §2)."""
+    return _run("epd", model, x, sigmas, extra_args, callback, disable, params, strategy)
+
+
+@register_sampler("epd_plugin", rounds_per_step=2, family="learned", learned=True)
+def sample_epd_plugin(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
+                      strategy="batched"):
+    """EPD-Plugin: EPD branch points along the iPNDM Adams-Bashforth direction (EPD.md §5)."""
+    return _run("epd_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy)
+
+
+@register_sampler("amed", rounds_per_step=2, family="learned", learned=True)
+def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
+                strategy="batched"):
+    """AMED-Solver: one learned mid-point per step (K = 1 EPD step; per-step table, BASELINES §1.7)."""
+    return _run("amed", model, x, sigmas, extra_args, callback, disable, params, strategy)
+
+
+@register_sampler("amed_plugin", rounds_per_step=2, family="learned", learned=True)
+def sample_amed_plugin(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
+                       strategy="batched"):
+    """AMED-Plugin over iPNDM: a learned point inserted into each step, one AB history (BASELINES §1.8)."""
+    return _run("amed_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy)
+
+
+_BY_SOLVER: dict[str, Callable[..., Any]] = {"epd": sample_epd_solver, "epd_plugin": sample_epd_plugin,
+                                             "amed": sample_amed, "amed_plugin": sample_amed_plugin}
+
+
+def sample_epd(model, x, sigmas, params=None, extra_args=None, callback=None, disable=None, *,
+               strategy="batched", return_info=False):
+    """Sample with learned parameters; the parameter file's solver kind picks the sampler.
+
+    ``sigmas`` must match ``params.sigmas`` (relative 1e-6); a trailing 0 adds x <- D(x; sigma_min)
+    (+1 NFE). ``return_info=True`` returns ``(x, SampleInfo)`` with the NFE report.
+    """
+    if params is None:
+        raise TypeError("sample_epd needs params (an EPDParams or the path of a parameter file)")
+    if isinstance(params, (str, os.PathLike)):
+        params = EPDParams.load(params)
+    if not isinstance(params, EPDParams):
+        raise TypeError(f"params must be an EPDParams or a path, got {type(params).__name__}")
+    return _BY_SOLVER[params.solver](model, x, sigmas, extra_args, callback, disable, params=params,
+                                     strategy=strategy, return_info=return_info)
