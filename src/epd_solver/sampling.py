@@ -188,7 +188,7 @@ def register_sampler(name: str, *, rounds_per_step: int | None, family: str, ord
 
 
 def _load_builtin_samplers() -> None:
-    from . import solvers  # noqa: F401  (registers the built-in samplers)
+    from . import epd, solvers  # noqa: F401  (registers the built-in and learned samplers)
 
 
 def sampler_spec(name: str) -> SamplerSpec:
