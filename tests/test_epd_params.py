@@ -197,7 +197,7 @@ def test_metadata_must_agree_with_tensors(tmp_path):
     tensors = {n: getattr(p, n) for n in ("r", "weights", "dir_scale", "time_scale", "sigmas")}
     for key, value, match in (("k", 3, "disagrees"), ("sigmas", (p.sigmas * 1.001).tolist(), "disagrees"),
                               ("format_version", 99, "version"), ("format", "other", "format"),
-                              ("solver", "dpm", "solver")):
+                              ("solver", "dpm", "solver"), ("meta", [1, 2], "malformed")):
         meta = p.header()
         meta[key] = value
         path = tmp_path / f"{key}.safetensors"

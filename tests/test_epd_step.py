@@ -322,11 +322,18 @@ def test_rollout_gradients_match_finite_differences(gmm, which):
     run = rollout if which == "epd" else amed_plugin_rollout
     order = 3 if which == "epd" else 4
 
-    def loss():
+    def loss(x=x):
         return ((run(gmm, x, grid, *tables.natural(), afs=True, plugin_order=order) - target) ** 2).sum()
 
-    value = loss()
+    xg = x.clone().requires_grad_(True)
+    value = loss(xg)
     value.backward()
+    eps = 1e-4
+    unit = torch.zeros_like(x)
+    unit[1, 5] = eps
+    with torch.no_grad():
+        fd = (loss(x + unit) - loss(x - unit)) / (2 * eps)
+    assert abs(float(xg.grad[1, 5]) - float(fd)) <= 1e-5 * max(1.0, abs(float(fd)))
     for name, idx in (("position_logits", (1, 0)), ("weight_logits", (2, 0)), ("dir_logits", (0, 0)),
                       ("time_logits", (1, 0))):
         p = getattr(tables, name)

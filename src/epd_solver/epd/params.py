@@ -220,7 +220,9 @@ class EPDParams:
         for n, v in self.raw.items():
             if not torch.isfinite(v).all():
                 raise ParamsError(f"raw table {n!r} contains NaN or infinite values")
-        if self.raw and self.parameterization != "natural":
+        from .parameterization import KINDS
+
+        if self.raw and self.parameterization in KINDS:  # other names: raw tables are kept as opaque data
             self._check_raw()
 
     def _check_raw(self) -> None:
@@ -377,6 +379,8 @@ def _from_file(header: dict, meta: dict, tensors: dict[str, torch.Tensor], path:
     unknown = [n for n in tensors if n not in VALUE_NAMES + ("sigmas",) and not n.startswith("raw.")]
     if unknown:
         raise ParamsFileError(f"{path}: unexpected tensors {unknown}")
+    if not isinstance(meta.get("meta", {}), dict):
+        raise ParamsFileError(f"{path}: malformed metadata ('meta' must be a JSON object)")
     for n, t in tensors.items():
         if not t.is_floating_point():
             raise ParamsFileError(f"{path}: tensor {n!r} has dtype {t.dtype}, expected floating point")
@@ -386,7 +390,7 @@ def _from_file(header: dict, meta: dict, tensors: dict[str, torch.Tensor], path:
             afs=meta.get("afs"), plugin_order=meta.get("plugin_order"), solver=meta.get("solver"),
             parameterization=meta.get("parameterization"), scale_dir=meta.get("scale_dir"),
             scale_time=meta.get("scale_time"), raw={n[4:]: t for n, t in tensors.items() if n.startswith("raw.")},
-            meta=meta.get("meta") if isinstance(meta.get("meta"), dict) else None)
+            meta=meta.get("meta"))
     except ParamsError as e:
         raise ParamsFileError(f"{path}: {e}") from None
     if meta.get("k") != params.k or meta.get("num_points") != params.num_points:
