@@ -1,0 +1,403 @@
+"""``epd sample``: generate samples by seed, alone or under ``torchrun``, resumably.
+
+Each seed's noise comes from its own generator (``distributed.noise_for_seeds``), so a sample depends only
+on its seed. Under torchrun the seeds are split across ranks (EDM ``generate.py``), or, with
+``--branch-parallel``, every rank runs every batch and evaluates its share of each call's rows
+(``distributed.RowParallelDenoiser``). Outputs are ``OUT/<seed:06d>.png`` (image models with 1 or 3
+channels, [-1, 1] -> uint8 as EDM saves them) or ``.npy`` (the sample in the sampling dtype), written
+atomically and never replaced; seeds already written are skipped. ``OUT/sample.json`` records the
+configuration, and a later run into the same folder must use the same one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import distributed as dist_utils
+
+SCHEDULE_CHOICES = ("polynomial", "logsnr", "time_uniform", "flowmatch")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MANIFEST = "sample.json"
+MANIFEST_FORMAT = "epd-samples"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sample", help="generate samples by seed (resumable; torchrun for several processes)",
+        description="Generate one sample per seed into OUT (OUT/000123.png for image models, .npy otherwise). "
+                    "Seeds already in OUT are skipped; nothing is overwritten. Under torchrun the seeds are "
+                    "split across ranks, or with --branch-parallel each call's rows (EPD's K branches) are.")
+    p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
+                   "module:function (default: digits)")
+    p.add_argument("--solver", required=True, help="a registered solver (euler, heun, dpmpp_3m, epd, ...)")
+    p.add_argument("--params", help="parameter file of a learned solver (epd, epd_plugin, amed, amed_plugin)")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--nfe", type=int, help="(Para.) NFE: the paper's grid and knobs for a baseline; checked "
+                      "against the parameter file for a learned solver")
+    grid.add_argument("--steps", type=int, help="grid steps (steps + 1 points) on --schedule over the model's "
+                      "sigma range")
+    p.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="polynomial",
+                   help="schedule for --steps, or for --nfe with a solver that has no paper row")
+    p.add_argument("--rho", type=float, default=None, help="exponent of the polynomial / time_uniform schedule")
+    p.add_argument("--afs", action="store_true", help="analytical first step (with --steps)")
+    p.add_argument("--seeds", required=True, help="seeds, e.g. 0-49999 or 0-63,100-109 (inclusive)")
+    p.add_argument("--batch", type=int, default=64, help="largest batch per process (default 64)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=("auto", "png", "npy"), default="auto",
+                   help="png for image models (C = 1 or 3, values in [-1, 1]), npy otherwise (default auto)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="sampling dtype (default float32)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--branch-parallel", action="store_true",
+                   help="split each model call's rows across ranks instead of the seeds (EPD's K branches)")
+    p.add_argument("--stats", help="also write pixel-space feature statistics (mu, sigma, n) of all the "
+                   "seeds' outputs, as saved, to this .npz")
+    p.add_argument("--force", action="store_true", help="replace an existing --stats file (samples never are)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+# -- plan: grid, knobs, output format ----------------------------------------------------------------
+
+def _sampler_knobs(solver: str) -> set[str]:
+    from ..sampling import sampler_spec
+
+    fn = sampler_spec(solver).fn
+    return {p.name for p in list(inspect.signature(fn).parameters.values())[6:]}
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The grid (float64 list, no trailing 0), solver knobs and a description, from the arguments."""
+    from ..sampling import grid_points_for_nfe, sampler_spec
+    from ..schedules import get_sigmas
+
+    spec = sampler_spec(args.solver)
+    knobs: dict[str, Any] = {}
+    plan: dict[str, Any] = {"solver": args.solver}
+    if spec.learned:
+        if not args.params:
+            raise ValueError(f"solver {args.solver!r} is learned: pass its parameter file with --params")
+        if args.steps is not None or args.afs:
+            raise ValueError("a learned solver's grid and AFS come from its parameter file: drop --steps/--afs")
+        from ..epd import EPDParams
+
+        params = EPDParams.load(args.params)
+        if params.solver != args.solver:
+            raise ValueError(f"{args.params} holds parameters of solver {params.solver!r}, not {args.solver!r}")
+        nfe = params.nfe()
+        if args.nfe is not None and args.nfe != nfe["para_nfe"]:
+            raise ValueError(f"{args.params} spends {nfe['para_nfe']} (Para.) NFE, not --nfe {args.nfe}")
+        sigmas = params.sigmas
+        knobs["params"] = params
+        plan.update(grid="params", params_sha256=_file_sha256(args.params), afs=params.afs,
+                    para_nfe=nfe["para_nfe"])
+    else:
+        if args.params:
+            raise ValueError(f"solver {args.solver!r} is training-free: --params is for learned solvers")
+        lo, hi = getattr(model, "sigma_min", None), getattr(model, "sigma_max", None)
+        if lo is None or hi is None:
+            raise ValueError("the model has no sigma_min / sigma_max: its grid cannot be built")
+        if args.nfe is not None:
+            from ..solvers import paper_setting, paper_sigmas
+            from ..solvers.settings import PAPER_ROWS
+
+            if args.afs:
+                raise ValueError("with --nfe the paper setting fixes AFS: use --steps to choose it")
+            if args.solver in PAPER_ROWS:
+                setting = paper_setting(args.solver, args.nfe)
+                sigmas = paper_sigmas(setting, model)
+                knobs.update(setting["knobs"])
+                plan.update(grid=f"paper:{setting['row']}", schedule=setting["schedule"], afs=setting["afs"])
+            else:
+                n = grid_points_for_nfe(args.solver, args.nfe)
+                sigmas = get_sigmas(args.schedule, n, lo, hi, **_schedule_kwargs(args))
+                plan.update(grid=args.schedule, schedule=args.schedule, afs=False)
+            plan["para_nfe"] = args.nfe
+        elif args.steps is not None:
+            if args.steps < 1:
+                raise ValueError(f"--steps must be >= 1, got {args.steps}")
+            sigmas = get_sigmas(args.schedule, args.steps + 1, lo, hi, **_schedule_kwargs(args))
+            if args.afs:
+                knobs["afs"] = True
+            plan.update(grid=args.schedule, schedule=args.schedule, afs=args.afs)
+        else:
+            raise ValueError(f"solver {args.solver!r} needs --nfe N (the paper's setting) or --steps N")
+        unknown = set(knobs) - _sampler_knobs(args.solver)
+        if unknown:
+            raise ValueError(f"solver {args.solver!r} does not take {sorted(unknown)}")
+    plan["sigmas"] = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64)]
+    plan["knobs"] = {k: v for k, v in knobs.items() if k != "params"}
+    return {"plan": plan, "knobs": knobs}
+
+
+def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rho is None:
+        return {}
+    if args.schedule not in ("polynomial", "time_uniform"):
+        raise ValueError(f"--rho applies to the polynomial and time_uniform schedules, not {args.schedule!r}")
+    return {"rho": args.rho}
+
+
+def output_format(choice: str, shape: tuple[int, ...]) -> str:
+    image = len(shape) == 3 and shape[0] in (1, 3)
+    if choice == "png" and not image:
+        raise ValueError(f"--format png needs samples of shape (1 or 3, H, W), the model's are {shape}")
+    if choice == "auto":
+        return "png" if image else "npy"
+    return choice
+
+
+def start_scale(model: Any, sigmas: list[float]) -> float:
+    """x_0 = scale * z: sigma_0 in EDM coordinates (EDM generate.py), the prior scale for flow models."""
+    if getattr(model, "kind", None) == "flow":
+        return float(model.prior_scale)
+    return float(sigmas[0])
+
+
+# -- files ---------------------------------------------------------------------------------------------
+
+def sample_name(seed: int, fmt: str) -> str:
+    return f"{seed:06d}.{fmt}"
+
+
+def encode(sample: torch.Tensor, fmt: str) -> np.ndarray:
+    """What a file holds: uint8 (C, H, W) for png ([-1, 1] -> x * 127.5 + 128, clipped, truncated), the
+    sample itself for npy."""
+    if fmt == "png":
+        from ..metrics import to_uint8_values
+
+        return to_uint8_values(sample.detach().cpu()).numpy().astype(np.uint8)
+    return sample.detach().cpu().numpy()
+
+
+def _write_png(handle, array: np.ndarray) -> None:
+    from PIL import Image
+
+    img = array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
+    Image.fromarray(img, mode="L" if array.shape[0] == 1 else "RGB").save(handle, format="PNG")
+
+
+def read_output(path: Path, fmt: str) -> np.ndarray:
+    """A saved sample back, as :func:`encode` gave it."""
+    if fmt == "npy":
+        return np.load(path, allow_pickle=False)
+    from PIL import Image
+
+    with Image.open(path) as img:
+        a = np.asarray(img)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _features(arrays: list[np.ndarray]) -> np.ndarray:
+    """Pixel features of saved samples: the values as stored, flattened, float64 (n, d)."""
+    return np.stack([a.reshape(-1) for a in arrays]).astype(np.float64)
+
+
+def write_new(path: Path, array: np.ndarray, fmt: str) -> bool:
+    """Write ``array`` to ``path`` atomically (temp file + hard link) unless ``path`` exists; True if written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if fmt == "png":
+                _write_png(handle, array)
+            else:
+                np.save(handle, array, allow_pickle=False)
+        try:
+            os.link(tmp, path)  # fails if the name exists: never replaces a file
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: exclusive create keeps the no-overwrite rule
+            try:
+                with open(path, "xb") as dst, open(tmp, "rb") as src:
+                    dst.write(src.read())
+            except FileExistsError:
+                return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def _check_manifest(out: Path, plan: dict[str, Any]) -> str | None:
+    """Create OUT/sample.json or check it against ``plan``; an error message on mismatch."""
+    path = out / MANIFEST
+    record = {"format": MANIFEST_FORMAT, "version": 1, **plan}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path} is unreadable ({e}); use another --out"
+        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        if diff:
+            return (f"{out} holds samples made with another configuration (differs in {', '.join(diff)}); "
+                    "use another --out")
+        return None
+    text = json.dumps(record, indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return f"{path} appeared while starting; run again"
+    finally:
+        os.unlink(tmp)
+    return None
+
+
+def _prepare_out(out: Path, plan: dict[str, Any], seeds: list[int], fmt: str) -> dict[str, Any]:
+    """Rank 0: create the folder, check the manifest, list the seeds already written."""
+    if out.exists() and not out.is_dir():
+        return {"error": f"{out} is not a folder"}
+    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        return {"error": f"{out} is not a folder"}
+    error = _check_manifest(out, plan)
+    if error:
+        return {"error": error}
+    present = {p.name for p in out.iterdir()}
+    done = [s for s in seeds if sample_name(s, fmt) in present]
+    return {"error": None, "done": done}
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    seeds = dist_utils.parse_seeds(args.seeds)
+    stats_path = Path(args.stats) if args.stats else None
+    if stats_path is not None:
+        if stats_path.suffix != ".npz":
+            raise ValueError(f"--stats must name an .npz file, got {stats_path}")
+        if stats_path.exists() and not args.force:
+            raise FileExistsError(f"{stats_path} exists; pass --force to replace it")
+        if len(seeds) < 2:
+            raise ValueError("--stats needs at least 2 seeds (the covariance uses n - 1)")
+    owns_group = not dist_utils.is_initialized()
+    device = dist_utils.init(args.device)
+    try:
+        return _run(args, seeds, stats_path, device)
+    finally:
+        if owns_group:
+            dist_utils.cleanup()
+
+
+def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, device: torch.device) -> int:
+    from tqdm import tqdm
+
+    from ..metrics import FeatureStats
+    from ..resolve import load_model, sample_shape
+    from ..sampling import get_sampler, sampler_spec
+
+    world, me = dist_utils.world_size(), dist_utils.rank()
+    dtype = DTYPES[args.dtype]
+    sampler_spec(args.solver)  # unknown solver: a named error before the model loads
+    model = load_model(args.model)
+    if hasattr(model, "to") and callable(model.to):
+        model.to(device)
+    elif device.type != "cpu":
+        raise ValueError(f"model {args.model!r} cannot be moved to {device}; use --device cpu")
+    shape = sample_shape(model)
+    fmt = output_format(args.format, shape)
+    built = build_plan(args, model)
+    plan, knobs = built["plan"], built["knobs"]
+    plan.update(model=args.model, model_name=str(getattr(model, "name", args.model)), shape=list(shape),
+                dtype=args.dtype, output=fmt, start_scale=start_scale(model, plan["sigmas"]),
+                noise="per-seed torch.Generator (CPU) randn in the sampling dtype")
+    if args.solver == "paradigms":
+        dist_utils.print0("note: ParaDiGMS slides its window when any sample of a batch misses the tolerance, "
+                          "so its samples depend on the batch they share")
+
+    out = Path(args.out)
+    state = None
+    if me == 0:
+        try:
+            state = _prepare_out(out, plan, seeds, fmt)
+        except Exception as e:  # reported on every rank rather than leaving the others waiting
+            state = {"error": f"cannot prepare {out}: {type(e).__name__}: {e}"}
+    state = dist_utils.broadcast_object(state)
+    if state["error"]:
+        raise ValueError(state["error"])
+    done = set(state["done"])
+    pending = [s for s in seeds if s not in done]
+    branch = args.branch_parallel and world > 1
+    runner = dist_utils.RowParallelDenoiser(model) if branch else model
+    batches = dist_utils.partition_seeds(pending, args.batch, 1, 0) if branch else \
+        dist_utils.partition_seeds(pending, args.batch)
+    writer = me == 0 or not branch
+    dist_utils.print0(f"epd sample: {args.solver} on {plan['model_name']}, {len(plan['sigmas'])} grid points "
+                      f"({plan['grid']}), {len(seeds)} seeds ({len(done)} already in {out}), "
+                      f"{world} process{'es' if world > 1 else ''}"
+                      f"{', branch-parallel' if branch else ''}, device {device}")
+
+    stats = FeatureStats() if stats_path is not None else None
+    sampler = get_sampler(args.solver)
+    sigmas = torch.tensor(plan["sigmas"], dtype=torch.float64)
+    scale = plan["start_scale"]
+    written = skipped = 0
+    nfe = None
+    started = time.perf_counter()
+    with tqdm(total=sum(len(b) for b in batches), unit="sample", disable=args.quiet or me != 0) as bar:
+        for batch in batches:
+            x = dist_utils.noise_for_seeds(batch, shape, dtype, device) * scale
+            with torch.no_grad():
+                x, info = sampler(runner, x, sigmas, None, None, True, return_info=True, **knobs)
+            nfe = info.nfe
+            if writer:
+                arrays = [encode(sample, fmt) for sample in x]
+                for seed, array in zip(batch, arrays):
+                    if write_new(out / sample_name(seed, fmt), array, fmt):
+                        written += 1
+                    else:
+                        skipped += 1
+                if stats is not None:
+                    stats.update(_features(arrays))
+            bar.update(len(batch))
+    if stats is not None:
+        # Seeds written by an earlier run enter the statistics as read back from their files.
+        readers = 1 if branch else world
+        if me < readers:
+            mine = sorted(done)[me::readers]
+            for i in range(0, len(mine), args.batch):
+                stats.update(_features([read_output(out / sample_name(s, fmt), fmt) for s in mine[i:i + args.batch]]))
+        stats.all_reduce()
+        if me == 0:
+            stats.save_npz(stats_path, overwrite=args.force)
+    totals = torch.tensor([written, skipped], dtype=torch.int64)
+    if dist_utils.is_initialized():
+        totals = totals.to(device if device.type == "cuda" else "cpu")
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    elapsed = time.perf_counter() - started
+    if nfe is not None:
+        dist_utils.print0(f"NFE per sample: para_nfe={nfe.para_nfe}, evaluations={nfe.evaluations:g}, "
+                          f"cfg_multiplier={nfe.cfg_multiplier}")
+    dist_utils.print0(f"wrote {int(totals[0])} samples to {out} in {elapsed:.1f} s"
+                      + (f" ({int(totals[1])} appeared meanwhile and were left alone)" if totals[1] else "")
+                      + (f"; statistics of {stats.n} samples in {stats_path}" if stats is not None else ""))
+    return 0
