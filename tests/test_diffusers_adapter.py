@@ -287,6 +287,20 @@ def test_load_local_folders(tmp_path):
             assert den.kind == "vp_v"
             assert torch.equal(den(x, sigma), want), path
     assert load_diffusers_model(tmp_path / "pipe").pipeline is not None
+    sd3 = tiny_sd3_pipe()
+    sd3.transformer.save_pretrained(tmp_path / "sd3" / "transformer")
+    sd3.scheduler.save_pretrained(tmp_path / "sd3" / "scheduler")
+    flow = load_diffusers_model(tmp_path / "sd3")
+    g = torch.Generator().manual_seed(4)
+    cond = {k: torch.randn(*shape, generator=g, dtype=torch.float64)
+            for k, shape in (("encoder_hidden_states", (2, 8, 32)), ("pooled_projections", (2, 64)))}
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.9, 0.2], dtype=torch.float64)
+    with torch.no_grad():
+        assert flow.kind == "flow" and torch.equal(flow(x, sigma, **cond), diffusers_denoiser(sd3)(x, sigma, **cond))
+        v = sd3.transformer(hidden_states=x.float(), timestep=sigma.float() * 1000, return_dict=False,
+                            **{k: c.float() for k, c in cond.items()})[0]
+    torch.testing.assert_close(flow(x, sigma, **cond), x - sigma.view(-1, 1, 1, 1) * v.double())  # D = x - sigma v
     with pytest.raises(DiffusersModelError, match="model_index.json"):
         load_diffusers_model(tmp_path / "model" / "scheduler")
     with pytest.raises(FileNotFoundError):
