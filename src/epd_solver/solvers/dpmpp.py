@@ -59,7 +59,6 @@ def dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, *, max_orde
 
 
 _DOC_RULES = """
-
     ``lower_order_final`` (True | False | int k): True (default, the AMED/EPD code) caps order_i at N - i on
     every run, e.g. 1-2-1 at N = 3 and 1-2-3-2-1 at N = 5; an int k caps only when N < k (DPM-Solver repo:
     10; diffusers ``DPMSolverMultistepScheduler``: 15, whose step to a final sigma of 0 also counts in N);
@@ -101,5 +100,5 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args, callback, disable, *, afs=Fals
                            threshold_ratio=threshold_ratio, d2_scale=THIRD_ORDER_FORMS[third_order])
 
 
-sample_dpmpp_2m.__doc__ += _DOC_RULES
-sample_dpmpp_3m.__doc__ += _DOC_RULES
+sample_dpmpp_2m.__doc__ = sample_dpmpp_2m.__doc__.rstrip() + "\n" + _DOC_RULES
+sample_dpmpp_3m.__doc__ = sample_dpmpp_3m.__doc__.rstrip() + "\n" + _DOC_RULES

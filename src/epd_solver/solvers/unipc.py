@@ -38,7 +38,8 @@ def sample_unipc(model, x, sigmas, extra_args, callback, disable, *, max_order=3
     history value: N steps cost N NFE (N - 1 with ``afs``, which stores D_0 = x_0 - sigma_0 d_0).
     Orders: warm start min(max_order, i+1); ``lower_order_final`` True caps at N - i (AMED code and diffusers
     ``UniPCMultistepScheduler``, which applies it at any step count; an int k caps only when N < k).
-    A trailing 0 in ``sigmas`` is a separate first-order step x <- D(x; sigma_last) by the shared wrapper.
+    A trailing 0 in ``sigmas`` is a separate first-order step x <- D(x; sigma_last) by the shared wrapper, not
+    counted in N (diffusers' ``final_sigmas_type="zero"`` counts its step to 0 in N, so its caps differ).
     ``thresholding`` applies dynamic thresholding to every stored D (off by default).
     """
     check_max_order("unipc", max_order, 3)
