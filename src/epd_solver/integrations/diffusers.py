@@ -290,8 +290,8 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
            progress: bool = False) -> DiffusersSample:
     """Sample with EPD or a baseline through the batched adapter of a pipeline or bare model.
 
-    - ``params``: EPD table (:class:`EPDParams`, a parameter-file path, or an :class:`EPDScheduler`); its grid
-      is used. A table for another grid (``sigmas``), K (``k``) or step count (``num_inference_steps``)
+    - ``params``: EPD table (:class:`EPDParams`, a parameter-file path, or an :class:`EPDScheduler`; default:
+      the table of the pipeline's ``EPDScheduler``, if it has one); its grid is used. A table for another grid (``sigmas``), K (``k``) or step count (``num_inference_steps``)
       raises :class:`~epd_solver.epd.params.ParamsMismatchError`. ``strategy``: ``"batched"`` (K branches in
       one call) or ``"sequential"``.
     - ``solver``: ``"epd"`` (needs ``params``) or any registered baseline (``euler``, ``heun``, ``dpm_2``,
@@ -310,6 +310,8 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
     - ``output_type``: ``"latent"``, ``"pt"``, ``"np"`` or ``"pil"`` (decoded with the pipeline's VAE if any).
     """
     model, scheduler, pipe = _split(pipe_or_model, scheduler)
+    if params is None and isinstance(scheduler, EPDScheduler) and solver in ("epd", scheduler.config.solver):
+        params = scheduler  # the table a pipeline's EPDScheduler holds
     if params is not None:
         params = _resolve_params(params, k, sigmas, num_inference_steps)
         quantize = _timestep_rule(params, quantize)
@@ -411,7 +413,8 @@ def load_diffusers_model(path: str | os.PathLike, *, scheduler: Any = None, pred
     model folder (``config.json`` of ``UNet2DModel``, ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ...)
     with its scheduler in the same folder or in ``scheduler/`` beside it, or a folder holding ``unet/`` or
     ``transformer/`` and ``scheduler/``. ``scheduler`` overrides the noise schedule (a scheduler or folder).
-    The model is put in eval mode with gradients off; the denoiser keeps it as ``denoiser.net.model``.
+    The model is put in eval mode with gradients off; the denoiser keeps it as ``denoiser.net.model`` and the
+    shape of one sample (latent) as ``denoiser.sample_shape``.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -441,4 +444,5 @@ def load_diffusers_model(path: str | os.PathLike, *, scheduler: Any = None, pred
                                   name=str(folder))
     denoiser.pipeline = pipe
     denoiser.scheduler = sched
+    denoiser.sample_shape = _latent_shape(model, getattr(pipe, "vae", None), 1, None, None)[1:]
     return denoiser
