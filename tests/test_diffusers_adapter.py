@@ -284,7 +284,7 @@ def test_load_local_folders(tmp_path):
         want = ref(x, sigma)
         for path in (tmp_path / "model" / "unet", tmp_path / "model", tmp_path / "pipe"):
             den = load_diffusers_model(path)
-            assert den.kind == "vp_v" and den.sample_shape == (3, 16, 16)
+            assert den.kind == "vp_v" and den.shape == (3, 16, 16)
             assert torch.equal(den(x, sigma), want), path
     assert load_diffusers_model(tmp_path / "pipe").pipeline is not None
     sd3 = tiny_sd3_pipe()

@@ -413,8 +413,8 @@ def load_diffusers_model(path: str | os.PathLike, *, scheduler: Any = None, pred
     model folder (``config.json`` of ``UNet2DModel``, ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ...)
     with its scheduler in the same folder or in ``scheduler/`` beside it, or a folder holding ``unet/`` or
     ``transformer/`` and ``scheduler/``. ``scheduler`` overrides the noise schedule (a scheduler or folder).
-    The model is put in eval mode with gradients off; the denoiser keeps it as ``denoiser.net.model`` and the
-    shape of one sample (latent) as ``denoiser.sample_shape``.
+    The model is put in eval mode with gradients off; the denoiser keeps it as ``denoiser.net.model``, the
+    shape of one sample (latent) as ``denoiser.shape``, and ``denoiser.to(device)`` moves the network.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -444,5 +444,11 @@ def load_diffusers_model(path: str | os.PathLike, *, scheduler: Any = None, pred
                                   name=str(folder))
     denoiser.pipeline = pipe
     denoiser.scheduler = sched
-    denoiser.sample_shape = _latent_shape(model, getattr(pipe, "vae", None), 1, None, None)[1:]
+    denoiser.shape = _latent_shape(model, getattr(pipe, "vae", None), 1, None, None)[1:]
+
+    def to(*args: Any, **kwargs: Any) -> Denoiser:  # moves the network (the CLI calls model.to(device))
+        (pipe if pipe is not None else model).to(*args, **kwargs)
+        return denoiser
+
+    denoiser.to = to
     return denoiser
