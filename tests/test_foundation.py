@@ -270,3 +270,19 @@ def test_exact_solve_agrees_with_fine_heun_on_digits():
 def test_grid_points_for_nfe_errors():
     with pytest.raises(ValueError, match="unknown solver"):
         grid_points_for_nfe("no-such-solver", 5)
+
+
+def test_discrete_adapter_accepts_float32_range_ends():
+    ac = _sd_alphas_cumprod()
+    d = denoisers.DiscreteEpsDenoiser(lambda x, t: torch.zeros_like(x), ac)
+    s32 = torch.tensor([d.sigma_max, d.sigma_min], dtype=torch.float32)
+    np.testing.assert_allclose(d.sigma_to_t(s32).numpy(), [999, 0], atol=1e-3)
+
+
+def test_cfg_tiles_per_sample_uncond_for_branch_rows():
+    # B = 2 samples, K = 2 branches: conditioning arrives tiled (4 rows), uncond has 2 rows.
+    net = lambda x, sigma, emb: x * 0 + emb[:, :1].to(x.dtype)  # noqa: E731
+    d = denoisers.CFGDenoiser(net, 2.0, uncond={"emb": torch.tensor([[10.0], [20.0]])})
+    cond = denoisers.repeat_cond({"emb": torch.tensor([[1.0], [2.0]])}, 2, 2)
+    out = d(torch.zeros(4, 1), torch.ones(4), **cond)
+    np.testing.assert_allclose(out[:, 0].numpy(), [10 + 2 * (1 - 10), 20 + 2 * (2 - 20)] * 2)

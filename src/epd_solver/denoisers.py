@@ -136,7 +136,8 @@ class _DiscreteVP(Denoiser):
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         ls = self.log_sigmas.to(sigma.device)
         log_sigma = sigma.to(torch.float64).log()
-        if torch.any(log_sigma < ls[0] - 1e-9) or torch.any(log_sigma > ls[-1] + 1e-9):
+        tol = 4 * torch.finfo(sigma.dtype).eps + 1e-12  # a float32 copy of sigma_max is still in range
+        if torch.any(log_sigma < ls[0] - tol) or torch.any(log_sigma > ls[-1] + tol):
             raise ValueError(f"sigma outside the model's range [{self.sigma_min:.6g}, {self.sigma_max:.6g}]")
         log_sigma = log_sigma.clamp(ls[0], ls[-1])
         hi = torch.searchsorted(ls, log_sigma).clamp(1, ls.numel() - 1)
@@ -252,7 +253,9 @@ def _fit_rows(v: Any, rows: int, what: str) -> torch.Tensor:
         return v
     if v.shape[0] == 1:
         return v.expand((rows,) + v.shape[1:])
-    raise ValueError(f"{what} has {v.shape[0]} rows, expected 1 or {rows}")
+    if rows % v.shape[0] == 0:  # B rows for a B*K-row branch call: tile branch-major like repeat_cond
+        return v.repeat((rows // v.shape[0],) + (1,) * (v.ndim - 1))
+    raise ValueError(f"{what} has {v.shape[0]} rows, expected 1, {rows} or a divisor of {rows}")
 
 
 def repeat_cond(cond: Mapping[str, Any] | None, k: int, batch: int) -> dict[str, Any]:
