@@ -30,6 +30,8 @@ _EXPORTS = {
     "sample_epd": "epd", "EPDParams": "epd",
     # distillation
     "distill": "distill",
+    # diffusers integration (optional dependency, imported on first use)
+    "EPDScheduler": "integrations.diffusers_scheduler",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
