@@ -1,0 +1,137 @@
+"""The bench's shared inputs: start noise, the reference end points (cached on disk) and data statistics.
+
+Reference end points at sigma_min: for exact problems (Gaussian mixtures) the ODE solved by DOP853
+(``exact_endpoint``); for any other model a high-accuracy solve (default UniPC-3 with 128 steps on a
+polynomial rho = 7 grid) whose accuracy is estimated by re-solving a subset with half the steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..problems import GaussianMixture, exact_endpoint
+from ..resolve import sample_shape
+
+__all__ = ["start_noise", "model_fingerprint", "is_exact_problem", "Reference", "reference_endpoints",
+           "default_cache_dir", "mixture_moments", "cache_key"]
+
+CHECK_SUBSET = 32  # samples re-solved with half the steps to estimate a numerical reference's error
+EXACT_TOL = 1e-10
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("EPD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "epd-solver")
+    return Path(root) / "bench"
+
+
+def start_noise(model: Any, samples: int, seed: int) -> torch.Tensor:
+    """x_0 = prior_scale * z (float64); sample i uses its own generator seeded ``seed + i``, so the first
+    samples are the same whatever ``samples`` is."""
+    shape = sample_shape(model)
+    scale = float(getattr(model, "prior_scale", None) or model.sigma_max)
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
+                     for i in range(samples)])
+    return scale * z
+
+
+def is_exact_problem(model: Any) -> bool:
+    return isinstance(model, GaussianMixture)
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 over the model's name and every tensor / module state it holds (so a retrained model or a
+    changed mixture never reuses a stale cache entry)."""
+    h = hashlib.sha256(str(getattr(model, "name", type(model).__name__)).encode())
+    for key in sorted(vars(model)):
+        value = vars(model)[key]
+        tensors = value.state_dict().items() if isinstance(value, torch.nn.Module) else \
+            [(key, value)] if isinstance(value, torch.Tensor) else []
+        for name, t in tensors:
+            h.update(f"{key}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(**fields: Any) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class Reference:
+    """End points ``x`` (float64, at sigma_min), how they were made (``method``), an error estimate
+    (``error_rmse``: an upper estimate, None for exact solves) and ``seconds`` (0 when read from the cache)."""
+
+    def __init__(self, x: torch.Tensor, method: str, error_rmse: float | None, seconds: float, cached: bool):
+        self.x, self.method, self.error_rmse, self.seconds, self.cached = x, method, error_rmse, seconds, cached
+
+
+def _numerical(model: Any, x0: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
+    from ..sampling import get_sampler
+    from ..schedules import polynomial
+
+    sigmas = polynomial(steps + 1, float(model.sigma_min), float(model.sigma_max))
+    knobs = {"variant": "bh2", "max_order": 3, "lower_order_final": True} if solver == "unipc" else {}
+    with torch.no_grad():
+        return get_sampler(solver)(model, x0, sigmas, disable=True, **knobs).to(torch.float64)
+
+
+def reference_endpoints(model: Any, x0: torch.Tensor, seed: int, cache_dir: Path | None,
+                        ref_solver: str = "unipc", ref_steps: int = 128) -> Reference:
+    """Reference end points for the start noise ``x0`` (made by :func:`start_noise` with ``seed``)."""
+    exact = is_exact_problem(model)
+    method = f"exact ODE (DOP853, rtol = atol = {EXACT_TOL:g})" if exact else \
+        f"{ref_solver}, {ref_steps} steps, polynomial rho = 7"
+    key = cache_key(kind="reference", model=model_fingerprint(model), seed=seed, samples=x0.shape[0],
+                    shape=list(x0.shape[1:]), sigma_min=float(model.sigma_min), sigma_max=float(model.sigma_max),
+                    method=method)
+    path = None if cache_dir is None else Path(cache_dir) / f"reference-{key}.npz"
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return Reference(torch.from_numpy(z["x"]), meta["method"], meta["error_rmse"], 0.0, True)
+    start = time.perf_counter()
+    if exact:
+        x, err = exact_endpoint(model, x0, float(model.sigma_max), float(model.sigma_min), rtol=EXACT_TOL,
+                                atol=EXACT_TOL), None
+    else:
+        x = _numerical(model, x0, ref_solver, ref_steps)
+        half = _numerical(model, x0[:CHECK_SUBSET], ref_solver, ref_steps // 2)
+        err = float((half - x[:CHECK_SUBSET]).pow(2).mean().sqrt())  # error of the half-step solve: an upper estimate
+    seconds = time.perf_counter() - start
+    if path is not None:
+        _save_npz(path, x=x.numpy(), meta=np.array(json.dumps({"method": method, "error_rmse": err})))
+    return Reference(x, method, err, seconds, False)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def mixture_moments(gm: GaussianMixture) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean and covariance of a mixture's data: sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T."""
+    w, mu_k = gm.weights, gm.means
+    mu = w @ mu_k
+    q, lam = gm.bases, gm.eigvals
+    cov = torch.einsum("k,kdr,kr,ker->de", w, q, lam, q)
+    if not gm.full_rank:  # + iso_k (I - Q_k Q_k^T)
+        cov = cov + (w * gm.iso).sum() * torch.eye(gm.dim, dtype=torch.float64)
+        cov = cov - torch.einsum("k,kdr,ker->de", w * gm.iso, q, q)
+    cov = cov + torch.einsum("k,kd,ke->de", w, mu_k, mu_k) - torch.outer(mu, mu)
+    return mu.numpy(), cov.numpy()

@@ -1,0 +1,148 @@
+"""The bench's files: results.csv, results.json and results.md (Table 1 layout, orderings vs the paper)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from .settings import GROUPS, PAPER_FID, PAPER_ORDER_NFE5, row_name
+
+__all__ = ["CSV_COLUMNS", "write_all", "markdown", "metric_table", "ordering_vs_paper", "fmt"]
+
+CSV_COLUMNS = ["model", "solver", "method", "group", "nfe", "para_nfe", "evaluations", "network_rows", "rmse", "fd",
+               "fid", "seconds", "schedule", "n_points", "afs", "knobs", "setting", "params_source", "note"]
+METRICS = [("rmse", "RMSE of end points against the reference"),
+           ("fd", "Fréchet distance to the data"),
+           ("fid", "FID")]
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def _evals(v: float | None) -> str:
+    return "–" if v is None else (f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}")
+
+
+def write_all(out: Path, result: dict[str, Any]) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for row in result["rows"]:
+            w.writerow({**row, "knobs": json.dumps(row.get("knobs", {}), sort_keys=True)})
+    (out / "results.md").write_text(markdown(result))
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+def metric_table(rows: list[dict[str, Any]], nfes: list[int], metric: str) -> str:
+    """Table 1 layout: group header rows, one row per method, columns = Para.NFE, cells "value (evals)"."""
+    by_key = {(r["solver"], r["nfe"]): r for r in rows}
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    lines = ["| Method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|" + "---:|" * len(nfes)]
+    for family, title in GROUPS:
+        members = [s for s in solvers if by_key[(s, nfes[0])]["group"] == family]
+        if not members:
+            continue
+        lines.append(f"| ***{title}*** |" + " |" * len(nfes))
+        for s in members:
+            cells = []
+            for n in nfes:
+                r = by_key[(s, n)]
+                cells.append("–" if r[metric] is None else f"{fmt(r[metric])} ({_evals(r['evaluations'])})")
+            lines.append(f"| {row_name(s)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ordering_vs_paper(rows: list[dict[str, Any]], nfe: int, metric: str = "rmse") -> dict[str, Any]:
+    """Our ranking at ``nfe`` and the violations of the paper's chain EPD < AMED < iPNDM < DPM++/UniPC < DDIM."""
+    values = {r["solver"]: r[metric] for r in rows if r["nfe"] == nfe and r[metric] is not None}
+    ranking = sorted(values, key=values.get)
+    violations = []
+    tiers = [[s for s in tier if s in values] for tier in PAPER_ORDER_NFE5]
+    tiers = [t for t in tiers if t]
+    for better, worse in zip(tiers, tiers[1:]):
+        for a in better:
+            for b in worse:
+                if not values[a] < values[b]:
+                    violations.append(f"{row_name(a)} {fmt(values[a])} is not below {row_name(b)} {fmt(values[b])}")
+    chain = " < ".join("/".join(row_name(s) for s in t) for t in tiers)
+    return {"nfe": nfe, "metric": metric, "ranking": [[s, values[s]] for s in ranking], "paper_chain": chain,
+            "violations": violations, "checked": len(tiers) >= 2}
+
+
+def _ordering_text(rows: list[dict[str, Any]], nfe: int) -> list[str]:
+    lines = []
+    for metric, title in (("rmse", "RMSE"), ("fd", "Fréchet distance"), ("fid", "FID")):
+        o = ordering_vs_paper(rows, nfe, metric)
+        if not o["ranking"]:
+            continue
+        ranking = " < ".join(f"{row_name(s)} {fmt(v)}" for s, v in o["ranking"])
+        lines.append(f"- **{title}** at NFE {nfe}: {ranking}.")
+        if o["checked"]:
+            verdict = "holds" if not o["violations"] else "differs: " + "; ".join(o["violations"])
+            lines.append(f"  Paper's chain ({o['paper_chain']}): {verdict}.")
+    paper = {s: v[1] for s, v in PAPER_FID.items() if any(r["solver"] == s for r in rows)}
+    if paper:
+        lines.append("- Paper, CIFAR-10 FID at NFE 5 (EPD.md §13): "
+                     + " < ".join(f"{row_name(s)} {v:g}" for s, v in sorted(paper.items(), key=lambda kv: kv[1]))
+                     + ".")
+    return lines
+
+
+def _settings_table(rows: list[dict[str, Any]], nfes: list[int]) -> str:
+    """One line per method: grid points at each NFE, AFS, knobs, where the setting and parameters came from."""
+    lines = ["| Method | grid (points at NFE " + "/".join(map(str, nfes)) + ") | AFS | knobs | setting | parameters |",
+             "|---|---|---|---|---|---|"]
+    for solver in dict.fromkeys(r["solver"] for r in rows):
+        mine = [r for r in rows if r["solver"] == solver]
+        first = mine[0]
+        points = "/".join(str(r.get("n_points", "–")) for r in mine)
+        knobs = "; ".join(dict.fromkeys(", ".join(f"{k}={v}" for k, v in sorted(r.get("knobs", {}).items())
+                                                  if k != "afs") for r in mine))
+        sources = "; ".join(dict.fromkeys(f"{r['params_source']}" for r in mine if r.get("params_source")))
+        lines.append(f"| {first['method']} | {first.get('schedule', '')}, {points} | "
+                     f"{'yes' if first.get('afs') else 'no'} | {knobs} | {first.get('setting', '')} | {sources} |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows, nfes = result["rows"], result["nfe"]
+    env, ref = result["environment"], result["reference"]
+    out = [f"# Bench: `{result['model']}`", "",
+           f"{result['samples']} samples (seeds {result['seed']}..{result['seed'] + result['samples'] - 1}, the same "
+           f"start noise for every solver); end points at sigma_min without a final denoising step. Reference: "
+           f"{ref['method']}" + (f" (estimated error RMSE {fmt(ref['error_rmse'], 2)})" if ref["error_rmse"] else "")
+           + ".", "",
+           "Columns are Para.NFE (sequential rounds of model calls; EPD's and ParaDiGMS' batched calls count once). "
+           "Each cell is `value (evaluations per sample)`: the total denoiser evaluations, which the NFE counter "
+           "measured.", ""]
+    for metric, title in METRICS:
+        if all(r[metric] is None for r in rows):
+            continue
+        floor = ref.get(metric)
+        out += [f"## {title}", "", metric_table(rows, nfes, metric), ""]
+        if floor is not None and metric != "rmse":
+            out += [f"Reference end points themselves: {fmt(floor)} (the floor set by the sample count).", ""]
+    out += ["## Ordering at NFE 5 against the paper", ""] + _ordering_text(rows, 5) + [""]
+    notes = [r for r in rows if r.get("note")]
+    if notes:
+        out += ["## Notes", ""] + [f"- {r['method']} @ NFE {r['nfe']}: {r['note']}" for r in notes] + [""]
+    cal = result.get("paradigms_calibration") or {}
+    if cal:
+        out += ["ParaDiGMS: finest polynomial base grid whose Picard iteration (tolerance 0.1, full window) converged "
+                "within the pass budget on a calibration batch: " + ", ".join(
+                    f"NFE {n}: {c['base_steps']} steps" for n, c in cal.items()) + ".", ""]
+    out += ["## Settings per row", "", _settings_table(rows, nfes), "",
+            "## Run", "",
+            f"- command: `{result.get('command') or 'run_bench(...)'}`",
+            f"- {env['torch_threads']} torch threads, torch {env['torch']}, Python {env['python']}, "
+            f"{env['platform']}, {env['cpu_count']} CPUs; {env['date']}",
+            f"- total {result['total_seconds']:.0f} s (reference "
+            + ("from cache" if ref["cached"] else f"{ref['seconds']:.0f} s") + "); timings on a shared machine are noisy",
+            ] + [f"- {n}" for n in result.get("quality_notes", [])] + [""]
+    return "\n".join(out)
