@@ -43,7 +43,7 @@ class MLPDenoiser(torch.nn.Module):
     """A network stand-in on 64-d data (cost only, random weights): EDM preconditioning around a float32
     MLP with ``depth`` hidden layers of ``width`` and a noise-level input."""
 
-    sigma_min, sigma_max, name, dim = 0.002, 80.0, "mlp-stand-in", 64
+    sigma_min, sigma_max, name, dim, shape, kind = 0.002, 80.0, "mlp-stand-in", 64, (64,), "edm"
 
     def __init__(self, width: int, depth: int, sigma_data: float = 0.5):
         super().__init__()
@@ -62,6 +62,11 @@ class MLPDenoiser(torch.nn.Module):
         c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
         f = self.net(torch.cat([x * c_in, s.log() / 4], 1).float()).to(x.dtype)
         return c_skip * x + c_out * f
+
+
+def mlp_model() -> MLPDenoiser:
+    """The stand-in as an ``epd sample --model branch_parallel:mlp_model`` factory (benchmarks/ on the path)."""
+    return MLPDenoiser(**PROBLEMS["mlp"])
 
 
 def build(problem: str, k: int, steps: int):
