@@ -155,6 +155,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     du.init("cpu")
     try:
         results = {"rank": du.rank(), "world": du.world_size()}
+        marker = os.path.join(out, "made_by_rank0")
+        with du.rank0_first():  # rank 1 enters only after rank 0 has left the block
+            results["marker_seen"] = os.path.exists(marker)
+            if rank == 0:
+                open(marker, "w").close()
+        results["from_rank0"] = du.broadcast_object(f"hello from {rank}")
         f = features()
         for name, (n0, _) in SPLITS.items():
             part = f[:n0] if rank == 0 else f[n0:]
@@ -193,6 +199,8 @@ def two_ranks(tmp_path_factory):
 
 def test_two_processes_joined(two_ranks):
     assert [(r["rank"], r["world"]) for r in two_ranks] == [(0, 2), (1, 2)]
+    assert [r["marker_seen"] for r in two_ranks] == [False, True]  # rank 0 went first
+    assert [r["from_rank0"] for r in two_ranks] == ["hello from 0"] * 2
 
 
 @pytest.mark.parametrize("split", sorted(SPLITS))
