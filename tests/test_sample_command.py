@@ -1,18 +1,19 @@
-"""``epd sample``: files by seed, resume without overwriting, PNG mapping, statistics, and a real 2-process
-torchrun run, all checked against single-process sampling computed here."""
+"""``epd sample``: files by seed, resume without overwriting, PNG mapping, statistics, and 2-process gloo runs
+of the command, all checked against single-process sampling computed here."""
 
+import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
+from epd_solver import distributed as du
 from epd_solver.cli import main
 from epd_solver.denoisers import Denoiser
 from epd_solver.epd import EPDParams, sample_epd
@@ -78,39 +79,38 @@ def free_port():
         return s.getsockname()[1]
 
 
-# -- one real torchrun launch, three commands ---------------------------------------------------------
+# -- one 2-process gloo run of three commands (the environment torchrun sets) ---------------------------------
 
-DRIVER = """
-import json, sys
-from epd_solver import distributed as du
-from epd_solver.cli import main
-du.init("cpu")
-codes = [main(a) for a in json.loads(sys.argv[1])]
-du.cleanup()
-sys.exit(max(codes))
-"""
+def _cli_worker(rank, world, port, runs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    du.init("cpu")
+    try:
+        with open(os.path.join(out, f"stdout{rank}.txt"), "w") as log, contextlib.redirect_stdout(log):
+            codes = [main(a) for a in runs]
+        assert codes == [0] * len(runs), codes
+    finally:
+        du.cleanup()
 
 
 @pytest.fixture(scope="module")
-def torchrun_outputs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("torchrun")
+def two_process_outputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two")
     epd_params(tmp / "epd.safetensors")
     runs = [GMM + BASELINE + ["--seeds", "0-63", "--batch", "8", "--out", str(tmp / "b8"), "--threads", "1",
                               "--stats", str(tmp / "b8.npz")],
             GMM + BASELINE + ["--seeds", "0-63", "--batch", "64", "--out", str(tmp / "b64"), "--threads", "1"],
             GMM + ["--solver", "epd", "--params", str(tmp / "epd.safetensors"), "--seeds", "0-6", "--batch", "7",
                    "--out", str(tmp / "bp"), "--threads", "1", "--branch-parallel"]]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "--no-python", sys.executable, "-c", DRIVER, json.dumps(runs)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp, proc.stdout
+    # fork where the platform has it: spawn (or torchrun) re-imports torch per process, seconds on a busy machine.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_cli_worker, args=(2, free_port(), runs, str(tmp)), nprocs=2, join=True, start_method=method)
+    return tmp, (tmp / "stdout0.txt").read_text()
 
 
-def test_seeds_0_63_identical_for_1_and_2_processes_and_batch_8_and_64(torchrun_outputs, tmp_path):
-    tmp, stdout = torchrun_outputs
+def test_seeds_0_63_identical_for_1_and_2_processes_and_batch_8_and_64(two_process_outputs, tmp_path):
+    tmp, stdout = two_process_outputs
     assert "2 processes" in stdout
     seeds = range(64)
     ref = reference_baseline(seeds)  # one single-process batch of 64
@@ -128,8 +128,8 @@ def test_seeds_0_63_identical_for_1_and_2_processes_and_batch_8_and_64(torchrun_
             assert np.array_equal(out, ref), name
 
 
-def test_distributed_stats_from_the_command_equal_numpy(torchrun_outputs):
-    tmp, _ = torchrun_outputs
+def test_distributed_stats_from_the_command_equal_numpy(two_process_outputs):
+    tmp, _ = two_process_outputs
     feats = load(tmp / "b8", range(64))
     with np.load(tmp / "b8.npz") as z:
         assert int(z["n"]) == 64
@@ -137,8 +137,8 @@ def test_distributed_stats_from_the_command_equal_numpy(torchrun_outputs):
         assert rel(z["sigma"], np.cov(feats, rowvar=False)) <= 1e-12
 
 
-def test_branch_parallel_command_equals_single_process_epd(torchrun_outputs):
-    tmp, stdout = torchrun_outputs
+def test_branch_parallel_command_equals_single_process_epd(two_process_outputs):
+    tmp, stdout = two_process_outputs
     assert "branch-parallel" in stdout
     p = epd_params()
     single = sample_epd(digits_mixture(), noise(range(7), (64,)) * 80.0, p.sigmas, p, disable=True).numpy()
