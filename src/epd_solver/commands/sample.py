@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
 
 from .. import distributed as dist_utils
 
@@ -306,21 +307,42 @@ def run(args: argparse.Namespace) -> int:
             dist_utils.cleanup()
 
 
-def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, device: torch.device) -> int:
-    from tqdm import tqdm
+def _load(args: argparse.Namespace, device: torch.device) -> Any:
+    from ..resolve import load_model
+    from ..sampling import sampler_spec
 
-    from ..metrics import FeatureStats
-    from ..resolve import load_model, sample_shape
-    from ..sampling import get_sampler, sampler_spec
-
-    world, me = dist_utils.world_size(), dist_utils.rank()
-    dtype = DTYPES[args.dtype]
     sampler_spec(args.solver)  # unknown solver: a named error before the model loads
     model = load_model(args.model)
     if hasattr(model, "to") and callable(model.to):
         model.to(device)
     elif device.type != "cpu":
         raise ValueError(f"model {args.model!r} cannot be moved to {device}; use --device cpu")
+    return model
+
+
+def _on_rank0(fn, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` on rank 0, its result (or its error) on every rank, so no rank is left waiting."""
+    state = None
+    if dist_utils.rank() == 0:
+        try:
+            state = fn(*args)
+        except Exception as e:
+            state = {"error": f"{type(e).__name__}: {e}"}
+    state = dist_utils.broadcast_object(state)
+    if state["error"]:
+        raise ValueError(state["error"])
+    return state
+
+
+def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, device: torch.device) -> int:
+    from tqdm import tqdm
+
+    from ..metrics import FeatureStats
+    from ..resolve import sample_shape
+    from ..sampling import get_sampler
+
+    world, me = dist_utils.world_size(), dist_utils.rank()
+    model = _load(args, device)
     shape = sample_shape(model)
     fmt = output_format(args.format, shape)
     built = build_plan(args, model)
@@ -333,21 +355,12 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
                           "so its samples depend on the batch they share")
 
     out = Path(args.out)
-    state = None
-    if me == 0:
-        try:
-            state = _prepare_out(out, plan, seeds, fmt)
-        except Exception as e:  # reported on every rank rather than leaving the others waiting
-            state = {"error": f"cannot prepare {out}: {type(e).__name__}: {e}"}
-    state = dist_utils.broadcast_object(state)
-    if state["error"]:
-        raise ValueError(state["error"])
-    done = set(state["done"])
+    done = set(_on_rank0(_prepare_out, out, plan, seeds, fmt)["done"])
     pending = [s for s in seeds if s not in done]
     branch = args.branch_parallel and world > 1
     runner = dist_utils.RowParallelDenoiser(model) if branch else model
-    batches = dist_utils.partition_seeds(pending, args.batch, 1, 0) if branch else \
-        dist_utils.partition_seeds(pending, args.batch)
+    # Seed partitioning: this rank's batches. Branch parallelism: every rank runs every batch, rank 0 writes.
+    batches = dist_utils.partition_seeds(pending, args.batch, *((1, 0) if branch else (world, me)))
     writer = me == 0 or not branch
     dist_utils.print0(f"epd sample: {args.solver} on {plan['model_name']}, {len(plan['sigmas'])} grid points "
                       f"({plan['grid']}), {len(seeds)} seeds ({len(done)} already in {out}), "
@@ -357,47 +370,39 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
     stats = FeatureStats() if stats_path is not None else None
     sampler = get_sampler(args.solver)
     sigmas = torch.tensor(plan["sigmas"], dtype=torch.float64)
-    scale = plan["start_scale"]
-    written = skipped = 0
+    counts = torch.zeros(2, dtype=torch.int64)  # written, found already written meanwhile
     nfe = None
     started = time.perf_counter()
     with tqdm(total=sum(len(b) for b in batches), unit="sample", disable=args.quiet or me != 0) as bar:
         for batch in batches:
-            x = dist_utils.noise_for_seeds(batch, shape, dtype, device) * scale
+            x = dist_utils.noise_for_seeds(batch, shape, DTYPES[args.dtype], device) * plan["start_scale"]
             with torch.no_grad():
                 x, info = sampler(runner, x, sigmas, None, None, True, return_info=True, **knobs)
             nfe = info.nfe
             if writer:
                 arrays = [encode(sample, fmt) for sample in x]
                 for seed, array in zip(batch, arrays):
-                    if write_new(out / sample_name(seed, fmt), array, fmt):
-                        written += 1
-                    else:
-                        skipped += 1
+                    counts[0 if write_new(out / sample_name(seed, fmt), array, fmt) else 1] += 1
                 if stats is not None:
                     stats.update(_features(arrays))
             bar.update(len(batch))
     if stats is not None:
         # Seeds written by an earlier run enter the statistics as read back from their files.
         readers = 1 if branch else world
-        if me < readers:
-            mine = sorted(done)[me::readers]
-            for i in range(0, len(mine), args.batch):
-                stats.update(_features([read_output(out / sample_name(s, fmt), fmt) for s in mine[i:i + args.batch]]))
+        mine = sorted(done)[me::readers] if me < readers else []
+        for i in range(0, len(mine), args.batch):
+            stats.update(_features([read_output(out / sample_name(s, fmt), fmt) for s in mine[i:i + args.batch]]))
         stats.all_reduce()
         if me == 0:
             stats.save_npz(stats_path, overwrite=args.force)
-    totals = torch.tensor([written, skipped], dtype=torch.int64)
     if dist_utils.is_initialized():
-        totals = totals.to(device if device.type == "cuda" else "cpu")
-        import torch.distributed as dist
-
-        dist.all_reduce(totals)
+        counts = counts.to(device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(counts)
     elapsed = time.perf_counter() - started
     if nfe is not None:
         dist_utils.print0(f"NFE per sample: para_nfe={nfe.para_nfe}, evaluations={nfe.evaluations:g}, "
                           f"cfg_multiplier={nfe.cfg_multiplier}")
-    dist_utils.print0(f"wrote {int(totals[0])} samples to {out} in {elapsed:.1f} s"
-                      + (f" ({int(totals[1])} appeared meanwhile and were left alone)" if totals[1] else "")
+    dist_utils.print0(f"wrote {int(counts[0])} samples to {out} in {elapsed:.1f} s"
+                      + (f" ({int(counts[1])} appeared meanwhile and were left alone)" if counts[1] else "")
                       + (f"; statistics of {stats.n} samples in {stats_path}" if stats is not None else ""))
     return 0
