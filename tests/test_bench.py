@@ -167,3 +167,22 @@ def test_parse_override():
     assert parse_override("unipc.variant=bh1") == ("unipc", "variant", "bh1")
     with pytest.raises(ValueError, match="SOLVER.KNOB=VALUE"):
         parse_override("thresholding=false")
+
+
+def first_pixels():
+    """A user feature extractor for --features (module:function returning a callable)."""
+    return lambda x: x.reshape(x.shape[0], -1)[:, :6]
+
+
+def test_bench_fd_with_user_features(tmp_path):
+    from epd_solver.bench.quality import DATA_SEED, MIXTURE_DATA_SAMPLES
+
+    cfg = BenchConfig(model="gmm:digits", nfe=(3,), solvers="euler", out=None, distill=False, samples=SAMPLES,
+                      seed=SEED, cache_dir=str(tmp_path), features=f"{__name__}:first_pixels", quiet=True)
+    row = run_bench(cfg, log=lambda m: None)["rows"][0]
+    gm = digits_mixture()
+    data = gm.sample_data(MIXTURE_DATA_SAMPLES, generator=torch.Generator().manual_seed(DATA_SEED)).numpy()[:, :6]
+    x = get_sampler("euler")(gm, noise(SAMPLES, SEED), polynomial(4, 0.002, 80.0, 7.0)).numpy()[:, :6]
+    m1, c1, m2, c2 = x.mean(0), np.cov(x, rowvar=False), data.mean(0), np.cov(data, rowvar=False)
+    fd = np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
+    assert row["fd"] == pytest.approx(fd, rel=1e-6)
