@@ -13,7 +13,7 @@ Problems (the sampler runs in float64):
   mlp              a network stand-in on 64-d rows: EDM preconditioning around a random float32 MLP
                    (4 hidden layers of 1024), model-bound with small rows, like a real denoiser.
 
-    python benchmarks/branch_parallel.py [--problem mlp] [--batch 256] [--repeats 7]
+    python benchmarks/branch_parallel.py [--problem mlp] [--batch 512] [--repeats 9]
 
 Writes benchmarks/results/branch_parallel_<problem>.json and .md.
 """
@@ -35,6 +35,7 @@ import torch
 import torch.distributed
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUIET_CORES = 0.25  # a run pair counts as quiet when other processes used less than this many cores
 PROBLEMS = {"synthetic": dict(components=8, rank=16), "synthetic-heavy": dict(components=32, rank=64),
             "mlp": dict(width=1024, depth=4)}
 
@@ -98,53 +99,75 @@ def worker(args: argparse.Namespace) -> None:
     def run(m):
         return sample_epd(m, x, params.sigmas, params, disable=True, return_info=True)
 
-    run(model)  # warm-up: mixture caches, allocator
-    run(parallel)
-    single_s, parallel_s, single_cpu, parallel_cpu, waiting_cpu = [], [], [], [], []
+    def section(fn, active: bool):
+        """Run ``fn`` on the active ranks between barriers: result, wall s, CPU s per rank, foreign cores."""
+        du.barrier()
+        busy, t, c = machine_busy_s(), time.perf_counter(), time.process_time()
+        result = fn() if active else None
+        du.barrier()
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        busy = None if busy is None else machine_busy_s() - busy
+        cpus = torch.zeros(du.world_size(), dtype=torch.float64)
+        cpus[me] = cpu
+        torch.distributed.all_reduce(cpus)
+        foreign = None if busy is None or me != 0 else max(0.0, busy - float(cpus.sum())) / wall
+        return result, {"wall_s": wall, "cpu_s_per_rank": cpus.tolist(), "foreign_cores": foreign}
+
+    section(lambda: run(model), me == 0)  # warm-up: mixture caches, allocator
+    section(lambda: run(parallel), True)
+    single, branch = [], []
     load_before = os.getloadavg()
-    for _ in range(args.repeats):
-        du.barrier()
-        t, c = time.perf_counter(), time.process_time()
+    for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        result, stats = section(lambda: run(model), me == 0)  # rank 1 waits in the closing barrier
         if me == 0:
-            ref, info = run(model)
-            single_s.append(time.perf_counter() - t)
-            single_cpu.append(time.process_time() - c)
-        du.barrier()
-        if me == 1:
-            waiting_cpu.append(time.process_time() - c)  # what rank 1 burns while it waits
-        t, c = time.perf_counter(), time.process_time()
-        out, _ = run(parallel)
-        cpu = time.process_time() - c
-        du.barrier()
-        parallel_s.append(time.perf_counter() - t)
-        busier = torch.tensor([cpu], dtype=torch.float64)
-        torch.distributed.all_reduce(busier, op=torch.distributed.ReduceOp.MAX)
-        parallel_cpu.append(float(busier))  # the busier rank's CPU seconds
-    waiting_cpu = du.broadcast_object(waiting_cpu, src=1)
+            ref, info = result
+        single.append(stats)
+        (out, _), stats = section(lambda: run(parallel), True)
+        branch.append(stats)
     if me == 0:
-        diff = float((out - ref).abs().max() / ref.abs().max())
-        nfe = info.nfe
-        report = {
-            "problem": args.problem, "dim": model.dim, **PROBLEMS[args.problem],
-            "dtype": "float64 sampler" + (", float32 network" if args.problem == "mlp" else ""),
-            "batch": args.batch, "k": args.k, "steps": args.steps, "para_nfe": nfe.para_nfe,
-            "evaluations_per_sample": nfe.evaluations, "rows_per_branch_call": args.batch * args.k,
-            "ranks": du.world_size(), "threads_per_process": torch.get_num_threads(), "backend": "gloo",
-            "single_s": single_s, "branch_parallel_s": parallel_s,
-            "single_median_s": statistics.median(single_s), "branch_parallel_median_s": statistics.median(parallel_s),
-            "speedup_median": statistics.median(single_s) / statistics.median(parallel_s),
-            "speedup_best": min(single_s) / min(parallel_s),
-            "all_gathers_per_run": parallel.collectives // (args.repeats + 1),
-            "single_cpu_s": single_cpu, "branch_parallel_max_rank_cpu_s": parallel_cpu,
-            "waiting_rank_cpu_s": waiting_cpu,
-            "speedup_cpu_time": statistics.median(single_cpu) / statistics.median(parallel_cpu),
-            "max_relative_difference": diff,
-            "load_average_before": load_before, "load_average_after": os.getloadavg(),
-            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "python": platform.python_version(),
-        }
-        print("RESULT " + json.dumps(report))
+        print("RESULT " + json.dumps(summarise(args, model, info.nfe, single, branch, parallel, ref, out,
+                                               load_before)))
     du.cleanup()
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds used by all processes on the machine since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def summarise(args, model, nfe, single, branch, parallel, ref, out, load_before) -> dict:
+    med = statistics.median
+    quiet = [(a, b) for a, b in zip(single, branch)
+             if a["foreign_cores"] is not None and max(a["foreign_cores"], b["foreign_cores"]) < QUIET_CORES]
+    report = {
+        "problem": args.problem, "dim": model.dim, **PROBLEMS[args.problem],
+        "dtype": "float64 sampler" + (", float32 network" if args.problem == "mlp" else ""),
+        "batch": args.batch, "k": args.k, "steps": args.steps, "para_nfe": nfe.para_nfe,
+        "evaluations_per_sample": nfe.evaluations, "rows_per_branch_call": args.batch * args.k,
+        "ranks": 2, "threads_per_process": torch.get_num_threads(), "backend": "gloo",
+        "all_gathers_per_run": parallel.collectives // (args.repeats + 1),
+        "single_runs": single, "branch_parallel_runs": branch,
+        "single_median_s": med(r["wall_s"] for r in single),
+        "branch_parallel_median_s": med(r["wall_s"] for r in branch),
+        "speedup_median": med(r["wall_s"] for r in single) / med(r["wall_s"] for r in branch),
+        "speedup_best": min(r["wall_s"] for r in single) / min(r["wall_s"] for r in branch),
+        "cpu_single_median_s": med(r["cpu_s_per_rank"][0] for r in single),
+        "cpu_busier_rank_median_s": med(max(r["cpu_s_per_rank"]) for r in branch),
+        "quiet_cores_threshold": QUIET_CORES, "quiet_pairs": len(quiet),
+        "speedup_quiet_median": (med(a["wall_s"] for a, _ in quiet) / med(b["wall_s"] for _, b in quiet)
+                                 if quiet else None),
+        "max_relative_difference": float((out - ref).abs().max() / ref.abs().max()),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+    report["speedup_cpu_time"] = report["cpu_single_median_s"] / report["cpu_busier_rank_median_s"]
+    return report
 
 
 def free_port() -> int:
@@ -160,29 +183,34 @@ def describe(r: dict) -> str:
 
 
 def markdown(report: dict, note: str) -> str:
-    r = report
+    r, med = report, statistics.median
+
+    def row(name: str, runs: list, cpu) -> str:
+        walls = ", ".join(f"{x['wall_s']:.3f} ({x['foreign_cores']:.2f})" for x in runs)
+        return (f"| {name} | {med(x['wall_s'] for x in runs):.3f} | {min(x['wall_s'] for x in runs):.3f} | "
+                f"{med(cpu(x) for x in runs):.3f} | {walls} |")
+
+    quiet = (f"{r['speedup_quiet_median']:.2f}x over the {r['quiet_pairs']} run pairs where other processes used "
+             f"< {r['quiet_cores_threshold']} cores" if r["quiet_pairs"] else
+             f"no run pair had other processes below {r['quiet_cores_threshold']} cores")
     return "\n".join([
         f"# Branch-parallel EPD, {r['problem']} ({describe(r)}), 2 ranks vs 1 process",
         "",
         f"EPD K = {r['k']}, {r['steps']} steps (Para.NFE {r['para_nfe']}, {r['evaluations_per_sample']:g} "
         f"evaluations per sample), batch {r['batch']} ({r['rows_per_branch_call']} rows per branch call), "
         f"{r['dtype']}, gloo, {r['threads_per_process']} thread per process, "
-        f"{r['all_gathers_per_run']} all_gathers per run (one per round).",
+        f"{r['all_gathers_per_run']} all_gathers per run (one per round). Runs interleaved.",
         "",
-        "| | median s | best s | runs (s) |",
-        "|---|---|---|---|",
-        f"| 1 process | {r['single_median_s']:.3f} | {min(r['single_s']):.3f} | "
-        f"{', '.join(f'{t:.3f}' for t in r['single_s'])} |",
-        f"| 2 ranks, branch-parallel | {r['branch_parallel_median_s']:.3f} | {min(r['branch_parallel_s']):.3f} | "
-        f"{', '.join(f'{t:.3f}' for t in r['branch_parallel_s'])} |",
+        "| | median wall s | best wall s | median CPU s (busiest rank) | runs: wall s (cores used by other "
+        "processes meanwhile) |",
+        "|---|---|---|---|---|",
+        row("1 process", r["single_runs"], lambda x: x["cpu_s_per_rank"][0]),
+        row("2 ranks, branch-parallel", r["branch_parallel_runs"], lambda x: max(x["cpu_s_per_rank"])),
         "",
-        f"**Wall-clock speed-up: {r['speedup_median']:.2f}x (medians), {r['speedup_best']:.2f}x (best runs).** "
-        f"Largest relative difference of the outputs: {r['max_relative_difference']:.1e}.",
-        "",
-        f"CPU seconds (less sensitive to other load on the machine): 1 process "
-        f"{statistics.median(r['single_cpu_s']):.3f}, busier rank {statistics.median(r['branch_parallel_max_rank_cpu_s']):.3f} "
-        f"(ratio {r['speedup_cpu_time']:.2f}); rank 1 used {statistics.median(r['waiting_rank_cpu_s']):.3f} CPU s "
-        "while waiting during the 1-process runs.",
+        f"**Wall-clock speed-up: {r['speedup_median']:.2f}x (medians), {r['speedup_best']:.2f}x (best runs), "
+        f"{quiet}.** CPU-time ratio (1 process / busiest rank, little affected by other load): "
+        f"{r['speedup_cpu_time']:.2f}. Largest relative difference of the outputs: "
+        f"{r['max_relative_difference']:.1e}.",
         "",
         f"Machine: {r['cpu_count']} CPUs ({r['machine']}), torch {r['torch']}; load average "
         f"{r['load_average_before'][0]:.1f} before, {r['load_average_after'][0]:.1f} after. {note}",
@@ -192,11 +220,11 @@ def markdown(report: dict, note: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", choices=sorted(PROBLEMS), default="synthetic-heavy")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--problem", choices=sorted(PROBLEMS), default="mlp")
+    p.add_argument("--batch", type=int, default=512)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--note", default="", help="free text for the Markdown report (e.g. machine load)")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--force", action="store_true", help="replace earlier results of this problem")
