@@ -280,6 +280,8 @@ class RowParallelDenoiser:
 
     For sampling only: ``all_gather`` does not carry gradients, so inputs that require grad are refused.
     The output is returned in ``x``'s dtype; the model must return ``x``'s shape (the denoiser contract).
+    A rank whose model raises leaves the others in ``all_gather`` until the group's timeout (torchrun
+    stops the job when one worker fails).
     """
 
     def __init__(self, model: Any, group=None):
