@@ -1,0 +1,148 @@
+"""``epd distill``: learn an EPD / EPD-Plugin / AMED / AMED-Plugin table for one model and Para.NFE.
+
+Exit status: 0 written; 2 bad input; 3 the distilled solver is not better than the best training-free
+solver at the same Para.NFE on the held-out noises (nothing written unless ``--allow-worse``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+WORSE_STATUS = 3
+
+
+def _module_function(spec: str):
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"--feature-extractor must be module:function, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--feature-extractor {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"--feature-extractor {spec!r} is not callable")
+    return fn
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="distil a learned solver (EPD, EPD-Plugin, AMED, AMED-Plugin) for a model",
+        description="Distil the per-step table of a learned solver from a teacher on a refined grid, keep the "
+                    "best table by held-out validation and compare it with the best training-free solver at the "
+                    "same Para.NFE. Exit status 3 when it is not better (use --allow-worse to write it anyway).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | module:function | "
+                   "diffusers:PATH")
+    p.add_argument("--solver", default="epd", choices=["epd", "epd_plugin", "amed", "amed_plugin"])
+    p.add_argument("--nfe", type=int, default=5, help="Para.NFE (sequential rounds)")
+    p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
+                   help="named defaults; the options below override single settings")
+    p.add_argument("--out", required=True, help="parameter file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--allow-worse", action="store_true",
+                   help="write the table even when it loses to the best training-free solver (exit 0)")
+    g = p.add_argument_group("solver and grid (default: the recipe's)")
+    g.add_argument("--k", type=int, help="parallel directions per step (EPD; AMED uses 1)")
+    g.add_argument("--afs", dest="afs", action="store_true", default=None, help="analytical first step")
+    g.add_argument("--no-afs", dest="afs", action="store_false")
+    g.add_argument("--schedule", choices=["time_uniform", "polynomial", "logsnr"])
+    g.add_argument("--rho", type=float, help="schedule exponent (polynomial, time_uniform)")
+    g.add_argument("--plugin-order", type=int, help="Adams-Bashforth order of the plugin solvers")
+    g.add_argument("--parameterization", choices=["ordered", "official", "paper"])
+    g.add_argument("--init", choices=["deterministic", "randn"])
+    g.add_argument("--init-from", help="warm start from a parameter file (same or neighbouring NFE)")
+    g.add_argument("--scale-dir", type=float, help="bound s_d of the direction scales")
+    g.add_argument("--scale-time", type=float, help="bound s_t of the time scales")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", help="any training-free solver (dpm_2, heun, ...)")
+    g.add_argument("--teacher-points", help="M points inserted per student interval, or 'auto'")
+    g.add_argument("--teacher-subgrid", choices=["schedule", "logsnr"])
+    g = p.add_argument_group("training")
+    g.add_argument("--trajectories", type=int)
+    g.add_argument("--batch", type=int)
+    g.add_argument("--epochs", type=int, help="Adam: passes over the trajectories")
+    g.add_argument("--optimizer", choices=["adam", "lbfgs"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr-floor", type=float, help="Adam: cosine decay floor (absolute)")
+    g.add_argument("--lbfgs-rounds", type=int)
+    g.add_argument("--lbfgs-iterations", type=int)
+    g.add_argument("--loss", choices=["per_step", "final", "per_step+feature"])
+    g.add_argument("--feature-extractor", help="module:function, a differentiable feature map for "
+                   "loss per_step+feature")
+    g.add_argument("--feature-weight", type=float)
+    g.add_argument("--rollout", choices=["free", "teacher_forced"])
+    g.add_argument("--bptt", choices=["full", "detached"])
+    g.add_argument("--val-trajectories", type=int)
+    g.add_argument("--val-every", type=int)
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("files")
+    g.add_argument("--cache-dir", help="teacher/reference cache (default $EPD_SOLVER_CACHE or ~/.cache/epd-solver)")
+    g.add_argument("--no-cache", action="store_true")
+    g.add_argument("--checkpoint", help="checkpoint file (default: OUT.ckpt)")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="iterations between checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..distill import distill
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} is not a file")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out does not exist: {out.parent}")
+    ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
+    if ckpt.exists() and not args.resume:
+        raise FileExistsError(f"checkpoint {ckpt} exists: pass --resume to continue it, or remove it")
+    points = args.teacher_points
+    if points is not None and points != "auto":
+        try:
+            points = int(points)
+        except ValueError:
+            raise ValueError(f"--teacher-points must be an integer or 'auto', got {points!r}") from None
+    options = dict(k=args.k, afs=args.afs, schedule=args.schedule, plugin_order=args.plugin_order,
+                   parameterization=args.parameterization, init=args.init, scale_dir=args.scale_dir,
+                   scale_time=args.scale_time, teacher=args.teacher, teacher_points=points,
+                   teacher_subgrid=args.teacher_subgrid, trajectories=args.trajectories, batch=args.batch,
+                   epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, lr_floor=args.lr_floor,
+                   lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, loss=args.loss,
+                   feature_weight=args.feature_weight, rollout=args.rollout, bptt=args.bptt,
+                   val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed)
+    if args.rho is not None:
+        options["schedule_kwargs"] = {"rho": args.rho}
+    feature = _module_function(args.feature_extractor) if args.feature_extractor else None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    params = distill(args.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
+                     cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
+                     resume=args.resume, init_from=args.init_from, feature=feature, progress=not args.quiet,
+                     log=log, **options)
+    v = params.meta.get("validation") or {}
+    t = params.meta["timing"]
+    nfe = params.nfe()
+    print(f"{params.solver} K={params.k} Para.NFE {nfe['para_nfe']} ({nfe['evaluations']} evaluations per sample), "
+          f"teacher {params.meta['teacher']['solver']} M={params.meta['teacher']['points']} "
+          f"({params.meta['teacher_nfe']} NFE), {t['total_s']:.1f} s (teacher {t['teacher_s']:.1f} s)")
+    if v:
+        from ..distill.api import report_line
+
+        print(report_line(v))
+    if v and not v["better"] and not args.allow_worse:
+        print(f"epd distill: the distilled {params.solver} is NOT better than the best training-free solver at "
+              f"Para.NFE {nfe['para_nfe']} on the held-out noises; nothing written to {out} (rerun with --resume "
+              f"--allow-worse to write it anyway)", file=sys.stderr)
+        return WORSE_STATUS
+    params.save(out, overwrite=args.force)
+    if ckpt.exists():
+        ckpt.unlink()
+    print(f"wrote {out}")
+    return 0

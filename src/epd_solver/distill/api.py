@@ -1,0 +1,352 @@
+"""``distill(model, solver="epd", nfe=5, ...)``: teacher, validation, training and the report, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..epd import EPDParams, EPDTables
+from .cache import DiskCache, default_cache_dir, model_fingerprint
+from .config import AUTO, DistillConfig, make_config
+from .losses import DistillLoss
+from .noise import VALIDATION_SEED_BASE, SeedRange, start_states
+from .student import Student
+from .teacher import TeacherSpec, convergence, grid_key, refined_spec, run_teacher, teacher_grid
+from .train import TrainData, Trainer
+from .validate import exact_reference, is_exact_problem, rmse, run_baselines, score_baselines
+
+__all__ = ["distill", "DistillRun", "TRAIN_SEED_STRIDE", "CONVERGENCE_SUBSET"]
+
+TRAIN_SEED_STRIDE = 10_000_000   # training seeds of run seed s: s * stride + j
+CONVERGENCE_SUBSET = 64          # validation trajectories used to check (or choose) the teacher refinement
+EXACT_RTOL = 1e-8
+
+
+def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,
+            sigma_min: float | None = None, sigma_max: float | None = None, model_id: str | None = None,
+            extra_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+            device: torch.device | str | None = None, cache_dir: str | os.PathLike | None = None,
+            cache: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
+            resume: bool = False, init_from: Any = None, feature: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            progress: bool = False, log: Callable[[str], None] | None = None,
+            on_iteration: Callable[[int, dict[str, float]], None] | None = None, **options: Any) -> EPDParams:
+    """Distil a learned solver's tables for ``model`` at Para.NFE ``nfe`` and return its :class:`EPDParams`.
+
+    ``model``: a denoiser (or a name for ``epd_solver.resolve.load_model``), or any callable
+    ``model(x, sigma, **cond)`` with ``shape`` (per sample) and ``sigma_min`` / ``sigma_max`` given.
+    ``solver``: ``epd`` | ``epd_plugin`` | ``amed`` | ``amed_plugin``. ``recipe``: ``default`` |
+    ``official`` | ``amed``; ``options`` override single settings (see :class:`DistillConfig`, e.g.
+    ``k=3, loss="final", trajectories=512, teacher="heun", teacher_points=7``).
+
+    The returned parameters carry the full record in ``params.meta``: settings, teacher spec and NFE, the
+    teacher convergence check, the validation history and ``meta["validation"]``, which compares the
+    distilled solver with the best training-free solver at the same Para.NFE on held-out noises
+    (``better``: True/False).
+    """
+    return DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
+                      model_id=model_id, extra_args=extra_args, dtype=dtype, device=device, cache_dir=cache_dir,
+                      cache=cache, feature=feature, progress=progress, log=log, **options).run(
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
+        on_iteration=on_iteration)
+
+
+def _freeze(model: Any) -> list[tuple[torch.nn.Parameter, bool]]:
+    """requires_grad_(False) on every network the model holds; returns what to restore."""
+    modules = [model] if isinstance(model, torch.nn.Module) else []
+    for value in getattr(model, "__dict__", {}).values():
+        if isinstance(value, torch.nn.Module):
+            modules.append(value)
+    saved = []
+    for m in modules:
+        for p in m.parameters():
+            saved.append((p, p.requires_grad))
+            p.requires_grad_(False)
+    return saved
+
+
+class DistillRun:
+    """One distillation (the steps of :func:`distill`, kept apart so benchmarks can reuse its pieces)."""
+
+    def __init__(self, model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,
+                 sigma_min=None, sigma_max=None, model_id=None, extra_args=None, dtype=None, device=None,
+                 cache_dir=None, cache: bool = True, feature=None, progress: bool = False, log=None, **options):
+        if isinstance(model, str):
+            from ..resolve import load_model
+
+            model = load_model(model)
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, sigma, **cond), got {type(model).__name__}")
+        self.model = model
+        self.cfg: DistillConfig = make_config(solver, nfe, recipe, **options)
+        self.shape = tuple(int(s) for s in (shape or getattr(model, "shape", None) or ()))
+        if not self.shape:
+            raise ValueError("the model has no `shape` attribute: pass shape= (the per-sample shape)")
+        lo = sigma_min if sigma_min is not None else getattr(model, "sigma_min", None)
+        hi = sigma_max if sigma_max is not None else getattr(model, "sigma_max", None)
+        if lo is None or hi is None:
+            raise ValueError("the model has no sigma range: pass sigma_min= and sigma_max=")
+        if not 0 < float(lo) < float(hi):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
+        self.sigma_min, self.sigma_max = float(lo), float(hi)
+        prior = getattr(model, "prior_scale", None) if sigma_max is None else None
+        self.prior_scale = float(prior if prior is not None else self.sigma_max)
+        if self.cfg.afs and not getattr(model, "afs_allowed", True):
+            raise ValueError("AFS is invalid for this model (flow matching): pass afs=False with an even nfe")
+        self.exact = is_exact_problem(model)
+        self.dtype = dtype or (torch.float64 if self.exact else torch.float32)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.extra_args = dict(extra_args or {})
+        self.model_id = model_id or str(getattr(model, "name", getattr(model, "__name__", type(model).__name__)))
+        fingerprint = model_fingerprint(model, model_id)
+        self.cache = DiskCache((cache_dir or default_cache_dir()) if cache and fingerprint else None)
+        self.fingerprint = fingerprint
+        self.feature = feature
+        self.progress = progress
+        self.log = log or (lambda msg: None)
+        self.teacher_evaluations = 0.0  # teacher rows evaluated in this run, per trajectory summed
+        c = self.cfg
+        from ..schedules import get_sigmas
+
+        self.sigmas = get_sigmas(c.schedule, c.n_points, self.sigma_min, self.sigma_max, **c.schedule_kwargs)
+        self.train_seeds = SeedRange(c.seed * TRAIN_SEED_STRIDE, c.trajectories)
+        self.val_seeds = SeedRange(VALIDATION_SEED_BASE, c.val_trajectories)
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def starts(self, seeds: SeedRange) -> torch.Tensor:
+        return start_states(self.prior_scale, self.shape, seeds, self.dtype, self.device)
+
+    def _teacher_key(self, spec: TeacherSpec, fine: torch.Tensor) -> dict[str, Any]:
+        return {"model": self.fingerprint, "grid": grid_key(fine), "every": spec.points + 1,
+                "teacher": spec.as_dict(), "dtype": str(self.dtype), "shape": list(self.shape),
+                "prior_scale": self.prior_scale, "extra_args": sorted(self.extra_args)}
+
+    def teacher_states(self, spec: TeacherSpec, seeds: SeedRange, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher states (n, N-1, ...) for ``seeds``, from the cache when it holds them."""
+        fine = teacher_grid(self.sigmas, spec, self.cfg.schedule, self.cfg.schedule_kwargs)
+        key = self._teacher_key(spec, fine)
+        hit = self.cache.load("teacher", key, seeds)
+        if hit is not None:
+            return hit["states"].to(self.device)
+        x0 = self.starts(seeds) if x0 is None else x0
+        batch = max(1, min(1024, (2 ** 22) // max(1, math.prod(self.shape))))
+        states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch)
+        self.teacher_evaluations += report.evaluations * seeds.count
+        self.teacher_nfe = report.para_nfe
+        self.cache.save("teacher", key, seeds, {"states": states})
+        return states
+
+    def teacher_nfe_of(self, spec: TeacherSpec) -> int:
+        """Para.NFE of the teacher per trajectory (sequential rounds on the refined grid, no AFS)."""
+        from ..sampling import sampler_spec
+
+        fine_steps = (spec.points + 1) * (self.cfg.n_points - 1)
+        return int(sampler_spec(spec.solver).rounds_per_step or 0) * fine_steps
+
+    def exact_endpoints(self, seeds: SeedRange, x0: torch.Tensor) -> torch.Tensor:
+        key = {"model": self.fingerprint, "sigma_max": self.sigma_max.hex(), "sigma_min": self.sigma_min.hex(),
+               "prior_scale": self.prior_scale, "shape": list(self.shape), "rtol": EXACT_RTOL}
+        hit = self.cache.load("exact", key, seeds)
+        if hit is not None:
+            return hit["x"]
+        x = exact_reference(self.model, x0, self.sigma_max, self.sigma_min, rtol=EXACT_RTOL)
+        self.cache.save("exact", key, seeds, {"x": x})
+        return x
+
+    def baselines(self, x0: torch.Tensor, seeds: SeedRange, references: dict[str, tuple[str, torch.Tensor]]):
+        """Scored training-free field on ``x0``; cached as JSON by (model, seeds, NFE, reference ids)."""
+        key = {"model": self.fingerprint, "seeds": [seeds.start, seeds.count], "nfe": self.cfg.nfe,
+               "dtype": str(self.dtype), "references": {n: rid for n, (rid, _) in references.items()},
+               "sigma": [self.sigma_min.hex(), self.sigma_max.hex()], "prior_scale": self.prior_scale}
+        hit = self.cache.load_json("baselines", key)
+        if hit is not None:
+            return hit
+        rows = run_baselines(self.model, x0, self.cfg.nfe, self.sigma_min, self.sigma_max, self.extra_args)
+        scored = score_baselines(rows, {n: ref for n, (_, ref) in references.items()})
+        self.cache.save_json("baselines", key, scored)
+        return scored
+
+    # -- teacher refinement -------------------------------------------------------------------------------
+    def choose_teacher(self, val_x0: torch.Tensor) -> tuple[TeacherSpec, dict[str, Any]]:
+        """The teacher spec, with its convergence check (teacher vs 2x refined on a validation subset).
+
+        ``teacher_points="auto"``: start at M = 3 and refine (M -> 2M + 1) until the teacher moves by at most
+        ``teacher_tolerance`` x the best training-free error on the subset, i.e. until its own error sits well
+        below the bar the student has to clear.
+        """
+        c = self.cfg
+        auto = c.teacher_points == AUTO
+        spec = TeacherSpec.make(c.teacher, 3 if auto else int(c.teacher_points), c.teacher_subgrid)
+        n = min(CONVERGENCE_SUBSET, val_x0.shape[0])
+        sub_seeds = SeedRange(self.val_seeds.start, n)
+        sub_x0 = val_x0[:n]
+        current = self.teacher_states(spec, sub_seeds, sub_x0)
+        field = run_baselines(self.model, sub_x0, c.nfe, self.sigma_min, self.sigma_max, self.extra_args)
+        steps = []
+        while True:
+            finer_spec = refined_spec(spec)
+            finer = self.teacher_states(finer_spec, sub_seeds, sub_x0)
+            conv = convergence(current, finer)
+            bar = score_baselines(field, {"t": finer[:, -1]})[0]
+            conv.update(points=spec.points, refined_points=finer_spec.points,
+                        best_baseline_rmse=bar["rmse_t"], best_baseline=bar["label"])
+            steps.append(conv)
+            ok = conv["final_rmse"] <= c.teacher_tolerance * bar["rmse_t"]
+            if not auto or ok:
+                break
+            spec, current = finer_spec, finer
+            if 2 * spec.points + 1 > c.teacher_max_points:  # out of refinements: use the finest one measured
+                break
+        report = dict(steps[-1], converged=bool(ok), ladder=steps, subset=n, tolerance=c.teacher_tolerance,
+                      chosen_points=spec.points)
+        self.teacher_spec = spec
+        return spec, report
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self, checkpoint=None, checkpoint_every: int = 50, resume: bool = False, init_from: Any = None,
+            on_iteration=None) -> EPDParams:
+        c = self.cfg
+        t0 = time.perf_counter()
+        if checkpoint is not None and not resume and Path(checkpoint).exists():
+            raise FileExistsError(f"checkpoint {checkpoint} exists: pass resume=True (--resume) to continue it")
+        saved = _freeze(self.model)
+        try:
+            with torch.enable_grad():
+                params = self._run(checkpoint, checkpoint_every, resume, init_from, on_iteration, t0)
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+        return params
+
+    def _run(self, checkpoint, checkpoint_every, resume, init_from, on_iteration, t0) -> EPDParams:
+        c = self.cfg
+        val_x0 = self.starts(self.val_seeds)
+        spec, conv = self.choose_teacher(val_x0)
+        self.log(f"teacher {spec.describe()}: {self.teacher_nfe_of(spec)} NFE per trajectory; vs 2x refined "
+                 f"{conv['final_rmse']:.3g} RMSE (best training-free on the subset: {conv['best_baseline_rmse']:.3g})"
+                 + ("" if conv["converged"] else "  [NOT converged: the teacher's error limits the student]"))
+        val_teacher = self.teacher_states(spec, self.val_seeds, val_x0)
+        x0 = self.starts(self.train_seeds)
+        teacher = self.teacher_states(spec, self.train_seeds, x0)
+        t_teacher = time.perf_counter() - t0
+
+        tables = EPDTables(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, c.init,
+                           c.seed, sigmas=self.sigmas)
+        if init_from is not None:
+            warm_start(tables, init_from)
+        student = Student(c.solver, self.sigmas, c.afs, c.plugin_order, c.rollout, c.bptt)
+        loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight)
+        trainer = Trainer(self.model, c, student, tables, loss, TrainData(x0, teacher, val_x0, val_teacher),
+                          self.extra_args, checkpoint, checkpoint_every, self.progress, on_iteration,
+                          run_key=f"{self.fingerprint}:{spec.points}")
+        outcome = trainer.run(resume=resume)
+        tables.load_raw_(outcome.best_raw)
+        t_train = time.perf_counter() - t0 - t_teacher
+
+        validation = self.compare(student, tables, val_x0, val_teacher) if c.compare else None
+        seconds = time.perf_counter() - t0
+        meta = {
+            "schedule": c.schedule, "schedule_kwargs": c.schedule_kwargs, "model_id": self.model_id,
+            "model_kind": getattr(self.model, "kind", "callable"), "recipe": c.recipe,
+            "teacher": spec.as_dict(), "teacher_nfe": self.teacher_nfe_of(spec), "teacher_convergence": conv,
+            "loss": loss.describe(), "config": c.as_dict(), "dtype": str(self.dtype),
+            "seeds": {"train": [self.train_seeds.start, self.train_seeds.count],
+                      "validation": [self.val_seeds.start, self.val_seeds.count]},
+            "training": {"best_val_rmse": outcome.best_val, "best_iteration": outcome.best_iteration,
+                         "init_val_rmse": outcome.init_val, "last_val_rmse": outcome.final_val,
+                         "iterations": outcome.iterations, "nonfinite_skipped": outcome.nonfinite_skipped,
+                         "history": outcome.history, "resumed_from": outcome.resumed_from},
+            "timing": {"teacher_s": t_teacher, "train_s": t_train, "total_s": seconds,
+                       "teacher_evaluations_this_run": self.teacher_evaluations,
+                       "cache_hits": self.cache.hits, "cache_misses": self.cache.misses},
+            "validation": validation,
+        }
+        if outcome.nonfinite_skipped:
+            self.log(f"{outcome.nonfinite_skipped} update(s) skipped: non-finite loss or gradient")
+        return EPDParams.from_tables(tables, sigmas=self.sigmas, afs=c.afs, plugin_order=student.plugin_order,
+                                     solver=c.solver, **_json_safe(meta))
+
+    def compare(self, student: Student, tables: EPDTables, val_x0: torch.Tensor,
+                val_teacher: torch.Tensor) -> dict[str, Any]:
+        """The validation report: distilled solver vs the best training-free solver at the same Para.NFE."""
+        c = self.cfg
+        end = student.sample(self.model, tables, val_x0, self.extra_args)
+        t_end = val_teacher[:, -1]
+        refs: dict[str, tuple[str, torch.Tensor]] = {"teacher": (f"teacher:{self.teacher_id}", t_end)}
+        out: dict[str, Any] = {"noises": val_x0.shape[0], "para_nfe": c.nfe,
+                               "evaluations": (c.n_points - 1) * (c.branches + 1) - int(c.afs),
+                               "student_rmse_teacher": rmse(end, t_end)}
+        if self.exact and c.exact_check:
+            exact = self.exact_endpoints(self.val_seeds, val_x0)
+            refs = {"exact": ("exact", exact), **refs}
+            out.update(student_rmse_exact=rmse(end, exact), teacher_rmse_exact=rmse(t_end, exact))
+        field = self.baselines(val_x0, self.val_seeds, refs)
+        best = field[0]
+        ref = "exact" if "exact" in refs else "teacher"
+        out.update(reference=ref, best_baseline={k: v for k, v in best.items()},
+                   field_size=len(field), student_rmse=out[f"student_rmse_{ref}"],
+                   baseline_rmse=best[f"rmse_{ref}"])
+        out["better"] = bool(out["student_rmse"] < out["baseline_rmse"])
+        out["ratio"] = out["student_rmse"] / out["baseline_rmse"] if out["baseline_rmse"] > 0 else math.inf
+        self.log(report_line(out))
+        return out
+
+    @property
+    def teacher_id(self) -> str:
+        spec = self.teacher_spec
+        fine = teacher_grid(self.sigmas, spec, self.cfg.schedule, self.cfg.schedule_kwargs)
+        return json.dumps(self._teacher_key(spec, fine), sort_keys=True)
+
+
+def report_line(v: dict[str, Any]) -> str:
+    """One line: the distilled solver against the best training-free solver on the held-out noises."""
+    b = v["best_baseline"]
+    verdict = "better" if v["better"] else "NOT better"
+    return (f"validation ({v['noises']} held-out noises, RMSE to the {v['reference']} end point): distilled "
+            f"{v['student_rmse']:.4g} at Para.NFE {v['para_nfe']} ({v['evaluations']} evaluations) vs best "
+            f"training-free {b['label']} {v['baseline_rmse']:.4g} ({b['evaluations']:g} evaluations): {verdict}, "
+            f"ratio {v['ratio']:.3f}")
+
+
+def warm_start(tables: EPDTables, source: Any) -> None:
+    """Initialise ``tables`` from a parameter file (or EPDParams) of the same or a neighbouring NFE.
+
+    Rows are matched by relative position along the trajectory (row i of S steps takes the source row
+    nearest to i (S'-1)/(S-1)); natural values are transferred, so other parameterisations work too.
+    """
+    src = EPDParams.load(source) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(src, EPDParams):
+        raise TypeError(f"init_from must be an EPDParams or a parameter file, got {type(source).__name__}")
+    if src.k != tables.k:
+        raise ValueError(f"init_from has K = {src.k}, the run uses K = {tables.k}")
+    s_new, s_old = tables.steps, src.steps
+    rows = [round(i * (s_old - 1) / (s_new - 1)) if s_new > 1 else 0 for i in range(s_new)]
+    eps = 1e-4
+    r, lam, c, a = (v[rows].clone() for v in src.natural())
+    r = r.clamp(eps, 1 - eps)
+    lam = lam.clamp_min(eps)
+    lam = lam / lam.sum(-1, keepdim=True)
+    for v, s in ((c, tables.scale_dir), (a, tables.scale_time)):
+        v.copy_(1 + (v - 1).clamp(-(1 - eps) * s, (1 - eps) * s) if s > 0 else torch.ones_like(v))
+    if tables.kind == "ordered":  # distinct positions
+        r = torch.sort(r, -1).values
+        r = r + eps * torch.arange(r.shape[1], dtype=r.dtype)
+        r = r.clamp(eps, 1 - eps)
+    tables.load_natural_(r, lam, c, a)
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v

@@ -1,0 +1,165 @@
+"""Distillation settings and the named recipes ``default``, ``official`` and ``amed``.
+
+A recipe is a set of defaults; anything passed explicitly overrides it. ``official`` reproduces the
+released ICCV runs (EPD.md §9), ``amed`` AMED's own recipe (BASELINES.md §1.7-1.8), ``default`` is this
+library's recipe, chosen by the measurements in ``benchmarks/results/distill_recipes.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from .losses import LOSSES
+from .student import BPTT_MODES, ROLLOUTS, SOLVERS
+from .teacher import SUBGRIDS
+
+__all__ = ["DistillConfig", "RECIPES", "OPTIMIZERS", "recipe_defaults", "make_config"]
+
+OPTIMIZERS = ("adam", "lbfgs")
+RECIPES = ("default", "official", "amed")
+AUTO = "auto"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Every knob of one distillation run (see ``epd distill --help`` for the meaning of each)."""
+
+    solver: str = "epd"
+    nfe: int = 5
+    k: int = 2
+    afs: bool = True
+    plugin_order: int | None = None
+    schedule: str = "time_uniform"
+    schedule_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parameterization: str = "ordered"
+    init: str = "deterministic"
+    scale_dir: float = 0.05
+    scale_time: float = 0.05
+    teacher: str = "dpm_2"
+    teacher_points: int | str = 3
+    teacher_subgrid: str = "schedule"
+    teacher_tolerance: float = 0.1
+    teacher_max_points: int = 63
+    rollout: str = "free"
+    bptt: str = "full"
+    loss: str = "per_step"
+    feature_weight: float = 10.0
+    optimizer: str = "adam"
+    lr: float = 0.2
+    lr_floor: float = 0.01
+    trajectories: int = 10000
+    batch: int = 32
+    epochs: int = 1
+    lbfgs_rounds: int = 4
+    lbfgs_iterations: int = 15
+    val_trajectories: int = 128
+    val_every: int = 50
+    compare: bool = True
+    exact_check: bool = True
+    seed: int = 0
+    recipe: str = "custom"
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- checks -----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def positive_int(name, v, minimum=1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown learned solver {self.solver!r}; choose one of {SOLVERS}")
+        positive_int("nfe", self.nfe)
+        positive_int("k", self.k)
+        if self.solver.startswith("amed") and self.k != 1:
+            raise ValueError(f"{self.solver} inserts one point per step: K = 1, got k={self.k}")
+        if (self.nfe + int(self.afs)) % 2:
+            raise ValueError(f"Para.NFE {self.nfe} with afs={self.afs} is not reachable: EPD spends 2 rounds per "
+                             "step minus 1 with AFS (odd Para.NFE needs AFS, even needs none)")
+        if self.nfe + int(self.afs) < 2:
+            raise ValueError("need at least one step")
+        for name, choices in (("rollout", ROLLOUTS), ("bptt", BPTT_MODES), ("loss", LOSSES),
+                              ("optimizer", OPTIMIZERS), ("teacher_subgrid", SUBGRIDS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.teacher_points != AUTO:
+            positive_int("teacher_points", self.teacher_points, 0)
+        positive_int("teacher_max_points", self.teacher_max_points, 1)
+        for name in ("lr", "teacher_tolerance"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not 0 <= self.lr_floor <= self.lr:
+            raise ValueError(f"lr_floor must lie in [0, lr], got {self.lr_floor}")
+        for name in ("trajectories", "batch", "epochs", "lbfgs_rounds", "lbfgs_iterations", "val_trajectories",
+                     "val_every"):
+            positive_int(name, getattr(self, name))
+        positive_int("seed", self.seed, 0)
+        if self.seed >= 100 or self.trajectories > 10_000_000:
+            raise ValueError("seed must be < 100 and trajectories <= 10^7 (training seeds stay below the "
+                             "validation range)")
+
+    @property
+    def n_points(self) -> int:
+        """Student grid points N: Para.NFE = 2(N-1) - [AFS]."""
+        return (self.nfe + int(self.afs)) // 2 + 1
+
+    @property
+    def branches(self) -> int:
+        return 1 if self.solver.startswith("amed") else self.k
+
+    @property
+    def iterations(self) -> int:
+        """Optimizer updates: Adam takes one per batch; L-BFGS rounds x iterations."""
+        if self.optimizer == "lbfgs":
+            return self.lbfgs_rounds * self.lbfgs_iterations
+        return self.epochs * math.ceil(self.trajectories / self.batch)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
+    """The defaults of a named recipe for one learned solver."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
+    plugin = solver.endswith("_plugin")
+    if recipe == "official":  # released ICCV runs (EPD.md §9): K = 2, time_uniform rho 1, AFS, 10k trajectories
+        return dict(schedule="time_uniform", schedule_kwargs={}, afs=True, k=2, parameterization="official",
+                    init="randn", scale_dir=0.05, scale_time=0.2 if plugin else 0.05,
+                    teacher="dpm_2" if plugin else "heun", teacher_points=3, teacher_subgrid="schedule",
+                    rollout="free", bptt="full", loss="per_step", optimizer="adam", lr=0.2, lr_floor=0.01,
+                    trajectories=10000, batch=16 if plugin else 32, epochs=1,
+                    plugin_order=3 if solver == "epd_plugin" else None)
+    if recipe == "amed":  # AMED's recipe (BASELINES.md §1.7-1.8), a per-step table instead of its network
+        base = dict(afs=True, k=1, parameterization="official", init="deterministic", scale_dir=0.01,
+                    scale_time=0.0, teacher="heun", teacher_subgrid="schedule", loss="per_step",
+                    optimizer="adam", lr=5e-3, lr_floor=0.0, trajectories=10000, batch=128, epochs=1)
+        if plugin:
+            return dict(base, schedule="polynomial", schedule_kwargs={"rho": 7.0}, teacher_points=2,
+                        rollout="free", bptt="full", plugin_order=4 if solver == "amed_plugin" else 3)
+        return dict(base, schedule="time_uniform", schedule_kwargs={}, teacher_points=1,
+                    rollout="teacher_forced", bptt="detached", plugin_order=None)
+    # default: see benchmarks/results/distill_recipes.md
+    return dict(schedule="time_uniform", schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
+                init="deterministic", scale_dir=0.05, scale_time=0.05, teacher="dpm_2", teacher_points=AUTO,
+                teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
+                lr_floor=0.0, trajectories=256, batch=128, lbfgs_rounds=4, lbfgs_iterations=15,
+                plugin_order=3 if solver == "epd_plugin" else (4 if solver == "amed_plugin" else None))
+
+
+def make_config(solver: str = "epd", nfe: int = 5, recipe: str = "default", **overrides: Any) -> DistillConfig:
+    """A :class:`DistillConfig` from a recipe's defaults plus explicit ``overrides`` (None means "recipe's")."""
+    values = recipe_defaults(recipe, solver)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - {f.name for f in dataclasses.fields(DistillConfig)}
+    if unknown:
+        raise TypeError(f"unknown distillation options {sorted(unknown)}")
+    if solver.startswith("amed") and overrides.get("k") not in (None, 1):
+        raise ValueError(f"{solver} inserts one point per step: K = 1, got k={overrides['k']}")
+    if solver.startswith("amed"):
+        values["k"] = 1
+    return DistillConfig(solver=solver, nfe=nfe, recipe=recipe, **values)

@@ -1,0 +1,90 @@
+"""The student: learned tables rolled out with the EPD machinery (``epd_solver.epd``), with gradients.
+
+Rollout modes (EPD.md §9): ``free`` runs from x_0 on the student's own states (the official choice);
+``teacher_forced`` starts every step from the teacher state (AMED's single-step recipe). BPTT: ``full``
+keeps the graph through the whole prefix, so a loss at the last step reaches every row; ``detached`` cuts
+it between steps. Plugin solvers carry an Adams-Bashforth history through the rollout, so they support
+only free rollouts with full BPTT.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..epd import EPDTables, amed_plugin_rollout
+from ..epd import rollout as epd_rollout
+
+__all__ = ["SOLVERS", "ROLLOUTS", "BPTT_MODES", "Student", "branches_for"]
+
+SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin")
+ROLLOUTS = ("free", "teacher_forced")
+BPTT_MODES = ("full", "detached")
+DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4}
+
+
+def branches_for(solver: str, k: int) -> int:
+    """K of a solver kind: AMED-Solver and AMED-Plugin insert one point per step."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown learned solver {solver!r}; choose one of {SOLVERS}")
+    if solver.startswith("amed"):
+        return 1
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return k
+
+
+class Student:
+    """How one learned solver turns tables into states x_1..x_{N-1} on ``sigmas`` (N points, no trailing 0)."""
+
+    def __init__(self, solver: str, sigmas: torch.Tensor, afs: bool, plugin_order: int | None = None,
+                 rollout: str = "free", bptt: str = "full", strategy: str = "batched"):
+        branches_for(solver, 1)
+        if rollout not in ROLLOUTS:
+            raise ValueError(f"rollout must be one of {ROLLOUTS}, got {rollout!r}")
+        if bptt not in BPTT_MODES:
+            raise ValueError(f"bptt must be one of {BPTT_MODES}, got {bptt!r}")
+        plugin = solver.endswith("_plugin")
+        if plugin and (rollout != "free" or bptt != "full"):
+            raise ValueError(f"{solver}: a plugin solver carries an Adams-Bashforth history through the rollout; "
+                             "only rollout='free' with bptt='full' is supported")
+        if not plugin and plugin_order is not None:
+            raise ValueError(f"solver {solver!r} takes no plugin_order")
+        self.solver, self.afs, self.rollout, self.bptt, self.strategy = solver, bool(afs), rollout, bptt, strategy
+        self.plugin_order = (plugin_order or DEFAULT_PLUGIN_ORDER[solver]) if plugin else None
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        self._run: Callable[..., Any] = amed_plugin_rollout if solver == "amed_plugin" else epd_rollout
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def states(self, model: Callable[..., torch.Tensor], tables: EPDTables, x0: torch.Tensor,
+               teacher: torch.Tensor | None = None, extra_args: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """Differentiable states x_1..x_{N-1}; ``teacher`` (B, N-1, ...) is needed for teacher forcing."""
+        natural = [v.to(x0.dtype) for v in tables.natural()]
+        sigmas = self.sigmas.to(x0.dtype)
+        common = dict(plugin_order=self.plugin_order, extra_args=extra_args, strategy=self.strategy)
+        if self.rollout == "free" and self.bptt == "full":
+            _, states = self._run(model, x0, sigmas, *natural, afs=self.afs, return_states=True, **common)
+            return states
+        if self.rollout == "teacher_forced" and teacher is None:
+            raise ValueError("a teacher-forced rollout needs the teacher states")
+        states, x = [], x0
+        for i in range(self.steps):
+            if i > 0:
+                x = teacher[:, i - 1] if self.rollout == "teacher_forced" else states[-1].detach()
+            rows = [v[i:i + 1] for v in natural]
+            states.append(self._run(model, x, sigmas[i:i + 2], *rows, afs=self.afs and i == 0, **common))
+        return states
+
+    @torch.no_grad()
+    def sample(self, model: Callable[..., torch.Tensor], tables: EPDTables, x0: torch.Tensor,
+               extra_args: dict[str, Any] | None = None, batch: int = 1024) -> torch.Tensor:
+        """The free-running end point x_{N-1} (what sampling with these tables produces)."""
+        natural = [v.to(x0.dtype) for v in tables.natural()]
+        out = [self._run(model, x0[i:i + batch], self.sigmas.to(x0.dtype), *natural, afs=self.afs,
+                         plugin_order=self.plugin_order, extra_args=extra_args, strategy=self.strategy)
+               for i in range(0, x0.shape[0], batch)]
+        return torch.cat(out)

@@ -1,0 +1,289 @@
+"""The training loop: Adam with cosine decay (one update per batch) or full-batch L-BFGS in restarted rounds.
+
+Shared by both: the backbone is frozen (only the tables get gradients), non-finite losses or gradients are
+detected, counted and their update skipped, the held-out validation error (student end point vs teacher
+end point) is measured at the start and periodically, the best tables by validation are kept (not the
+last), and checkpoints (safetensors + JSON state) make a killed run resumable to the same result.
+Batches depend only on (seed, iteration), the learning rate only on the iteration, so a resumed run
+repeats exactly what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..epd import EPDTables
+from .config import DistillConfig
+from .losses import DistillLoss
+from .student import Student
+from .validate import rmse
+
+__all__ = ["TrainData", "TrainOutcome", "Trainer", "CheckpointError", "config_hash"]
+
+CHECKPOINT_FORMAT = "epd-distill-checkpoint"
+# fields that do not change the trained tables (a run may be resumed with other values)
+_UNTRAINED_FIELDS = {"compare", "exact_check"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (other settings, malformed file)."""
+
+
+class _NonFinite(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class TrainData:
+    x0: torch.Tensor          # (n, ...) training start states
+    teacher: torch.Tensor     # (n, N-1, ...) teacher states on the student grid
+    val_x0: torch.Tensor
+    val_teacher: torch.Tensor
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    best_raw: dict[str, torch.Tensor]
+    best_val: float
+    best_iteration: int
+    init_val: float
+    final_val: float
+    iterations: int
+    nonfinite_skipped: int
+    history: list[dict[str, float]]
+    resumed_from: int | None
+
+
+def config_hash(cfg: DistillConfig) -> str:
+    d = {k: v for k, v in cfg.as_dict().items() if k not in _UNTRAINED_FIELDS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Fits ``tables`` so that ``student`` follows the teacher (see the module docstring)."""
+
+    def __init__(self, model: Callable[..., torch.Tensor], cfg: DistillConfig, student: Student, tables: EPDTables,
+                 loss: DistillLoss, data: TrainData, extra_args: dict[str, Any] | None = None,
+                 checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50, progress: bool = True,
+                 on_iteration: Callable[[int, dict[str, float]], None] | None = None, run_key: str = ""):
+        self.model, self.cfg, self.student, self.tables, self.loss = model, cfg, student, tables, loss
+        self.data, self.extra_args = data, extra_args
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.checkpoint_every = max(1, int(checkpoint_every))
+        self.progress, self.on_iteration = progress, on_iteration
+        self.key = f"{config_hash(cfg)}:{run_key}"
+        self.params = [p for p in tables.parameters() if p.requires_grad]
+        self.n = data.x0.shape[0]
+        # state
+        self.iteration = 0
+        self.best_raw = tables.raw()
+        self.best_val = math.inf
+        self.best_iteration = 0
+        self.init_val = math.nan
+        self.nonfinite = 0
+        self.history: list[dict[str, float]] = []
+        self.running = math.nan
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def validate(self) -> float:
+        end = self.student.sample(self.model, self.tables, self.data.val_x0, self.extra_args)
+        return rmse(end, self.data.val_teacher[:, -1])
+
+    def _record_validation(self) -> float:
+        val = self.validate()
+        if self.iteration == 0 and math.isnan(self.init_val):
+            self.init_val = val
+        self.history.append({"iteration": self.iteration, "val_rmse": val, "loss": self.running})
+        if val < self.best_val:
+            self.best_val, self.best_iteration, self.best_raw = val, self.iteration, self.tables.raw()
+        return val
+
+    def _batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        x0, teacher = self.data.x0[idx], self.data.teacher[idx]
+        states = self.student.states(self.model, self.tables, x0, teacher, self.extra_args)
+        return self.loss(states, teacher)
+
+    def _grads_finite(self) -> bool:
+        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+
+    def _lr(self, it: int) -> float:
+        total = self.cfg.iterations
+        c = self.cfg
+        return c.lr_floor + (c.lr - c.lr_floor) * 0.5 * (1 + math.cos(math.pi * it / total))
+
+    def _batch_indices(self, it: int) -> torch.Tensor:
+        per_epoch = math.ceil(self.n / self.cfg.batch)
+        epoch, j = divmod(it, per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch))
+        return perm[j * self.cfg.batch:(j + 1) * self.cfg.batch]
+
+    def _note(self, loss: float) -> None:
+        self.running = loss if math.isnan(self.running) else 0.9 * self.running + 0.1 * loss
+
+    # -- loops ----------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainOutcome:
+        resumed_from = None
+        adam_state = None
+        if resume and self.checkpoint is not None and self.checkpoint.exists():
+            adam_state = self._load_checkpoint()
+            resumed_from = self.iteration
+        if self.iteration == 0 and not self.history:
+            self._record_validation()
+        if self.cfg.optimizer == "adam":
+            self._run_adam(adam_state)
+        else:
+            self._run_lbfgs()
+        final_val = self.history[-1]["val_rmse"] if self.history else math.nan
+        return TrainOutcome(self.best_raw, self.best_val, self.best_iteration, self.init_val, final_val,
+                            self.iteration, self.nonfinite, list(self.history), resumed_from)
+
+    def _bar(self, total: int, unit: str):
+        return tqdm(total=total, initial=self.iteration, disable=not self.progress, desc=f"distill {self.cfg.solver} "
+                    f"NFE {self.cfg.nfe}", unit=unit, dynamic_ncols=True, leave=False)
+
+    def _postfix(self, bar) -> None:
+        bar.set_postfix(loss=f"{self.running:.3e}", val=f"{self.history[-1]['val_rmse']:.4g}",
+                        best=f"{self.best_val:.4g}", refresh=False)
+
+    def _run_adam(self, state: dict[str, Any] | None) -> None:
+        c = self.cfg
+        opt = torch.optim.Adam(self.params, lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
+        if state is not None:
+            opt.load_state_dict(state)
+        total = c.iterations
+        with self._bar(total, "it") as bar:
+            while self.iteration < total:
+                it = self.iteration
+                for g in opt.param_groups:
+                    g["lr"] = self._lr(it)
+                opt.zero_grad(set_to_none=True)
+                loss = self._batch_loss(self._batch_indices(it))
+                loss.backward()
+                if torch.isfinite(loss) and self._grads_finite():
+                    opt.step()
+                    self._note(float(loss.detach()))
+                else:
+                    self.nonfinite += 1
+                self.iteration = it + 1
+                if self.iteration % c.val_every == 0 or self.iteration == total:
+                    self._record_validation()
+                if self.checkpoint is not None and (self.iteration % self.checkpoint_every == 0
+                                                    or self.iteration == total):
+                    self._save_checkpoint(opt)
+                self._postfix(bar)
+                bar.update(1)
+                if self.on_iteration is not None:
+                    self.on_iteration(self.iteration, {"loss": self.running, "val": self.history[-1]["val_rmse"]})
+
+    def _full_loss(self) -> torch.Tensor:
+        """Mean loss over all training trajectories, gradients accumulated chunk by chunk."""
+        total = 0.0
+        for start in range(0, self.n, self.cfg.batch):
+            idx = torch.arange(start, min(start + self.cfg.batch, self.n))
+            loss = self._batch_loss(idx) * (idx.numel() / self.n)
+            if not torch.isfinite(loss):
+                raise _NonFinite
+            loss.backward()
+            total += float(loss.detach())
+        if not self._grads_finite():
+            raise _NonFinite
+        return torch.tensor(total, dtype=torch.float64)
+
+    def _run_lbfgs(self) -> None:
+        c = self.cfg
+        per_round = c.lbfgs_iterations
+        with self._bar(c.iterations, "it") as bar:
+            while self.iteration < c.iterations:
+                start = self.tables.raw()
+                opt = torch.optim.LBFGS(self.params, lr=c.lr, max_iter=per_round, max_eval=per_round * 5 // 4,
+                                        history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                                        tolerance_change=1e-14)
+
+                def closure():
+                    opt.zero_grad(set_to_none=True)
+                    loss = self._full_loss()
+                    self._note(float(loss))
+                    bar.set_postfix(loss=f"{self.running:.3e}", best=f"{self.best_val:.4g}", refresh=False)
+                    return loss
+
+                try:
+                    opt.step(closure)
+                except _NonFinite:
+                    self.nonfinite += 1
+                    self.tables.load_raw_(start)  # the round's update is skipped
+                self.iteration += per_round
+                self._record_validation()
+                if self.checkpoint is not None:
+                    self._save_checkpoint(None)
+                self._postfix(bar)
+                bar.update(per_round)
+                if self.on_iteration is not None:
+                    self.on_iteration(self.iteration, {"loss": self.running, "val": self.history[-1]["val_rmse"]})
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _save_checkpoint(self, opt: torch.optim.Optimizer | None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"tables.{n}": v for n, v in self.tables.raw().items()}
+        tensors.update({f"best.{n}": v for n, v in self.best_raw.items()})
+        opt_meta = None
+        if opt is not None:
+            sd = opt.state_dict()
+            for pid, st in sd["state"].items():
+                for name, v in st.items():
+                    tensors[f"adam.{pid}.{name}"] = torch.as_tensor(v).detach().clone()
+            opt_meta = sd["param_groups"]
+        state = {"format": CHECKPOINT_FORMAT, "key": self.key, "iteration": self.iteration,
+                 "best_val": self.best_val, "best_iteration": self.best_iteration, "init_val": self.init_val,
+                 "nonfinite": self.nonfinite, "history": self.history, "running": self.running,
+                 "param_groups": opt_meta}
+        path = self.checkpoint
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({n: t.contiguous() for n, t in tensors.items()}, tmp,
+                      metadata={"state": json.dumps(state)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.checkpoint), framework="pt") as f:
+                state = json.loads((f.metadata() or {})["state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{self.checkpoint}: not a readable distillation checkpoint ({e})") from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{self.checkpoint}: not a distillation checkpoint")
+        if state.get("key") != self.key:
+            raise CheckpointError(f"{self.checkpoint}: written by a run with other settings; remove it or resume "
+                                  "with the same options")
+        self.tables.load_raw_({k[7:]: v for k, v in tensors.items() if k.startswith("tables.")})
+        self.best_raw = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        self.iteration, self.best_val = int(state["iteration"]), float(state["best_val"])
+        self.best_iteration, self.init_val = int(state["best_iteration"]), float(state["init_val"])
+        self.nonfinite, self.history, self.running = int(state["nonfinite"]), state["history"], float(state["running"])
+        if state.get("param_groups") is None:
+            return None
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("adam."):
+                _, pid, name = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = v
+        return {"state": opt_state, "param_groups": state["param_groups"]}
+
