@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from importlib import resources
 from pathlib import Path
@@ -34,14 +33,13 @@ class ParamsSource:
 
     Files named with ``--params`` are used when their solver and Para.NFE match (and their model id, if
     they record one); files in a params directory must also record this model's id. Without a match the
-    row is distilled on the fly with ``epd_solver.distill`` (unless ``distill=False``) and the result is
-    saved under ``save_dir``. ``describe`` tells which happened.
+    row is distilled on the fly with ``epd_solver.distill`` (its default recipe; unless ``distill=False``)
+    and the result is saved under ``save_dir``. :meth:`get` says which happened.
     """
 
     def __init__(self, model: Any, model_id: str, files: Iterable[str | Path] = (), dirs: Iterable[str | Path] = (),
-                 distill: bool = True, save_dir: Path | None = None, seed: int = 0, log=print):
-        self.model, self.model_id, self.distill, self.save_dir, self.seed, self.log = \
-            model, model_id, distill, save_dir, seed, log
+                 distill: bool = True, save_dir: Path | None = None, log=print):
+        self.model, self.model_id, self.distill, self.save_dir, self.log = model, model_id, distill, save_dir, log
         self.table: dict[tuple[str, int], tuple[EPDParams, str]] = {}
         for f in files:
             p = EPDParams.load(f)  # explicit files must load: errors are the user's to see
@@ -85,13 +83,10 @@ class ParamsSource:
             distill = epd_solver.distill
         except (ImportError, AttributeError) as e:
             return None, f"no parameter file and distillation is unavailable ({e})"
-        kwargs: dict[str, Any] = {"solver": solver, "nfe": nfe}
-        accepted = inspect.signature(distill).parameters
-        if "seed" in accepted:
-            kwargs["seed"] = self.seed
+        self.log(f"distilling {solver} at Para.NFE {nfe} (no parameter file) ...")
         start = time.perf_counter()
         with torch.enable_grad():
-            params = distill(self.model, **kwargs)
+            params = distill(self.model, solver=solver, nfe=nfe, log=lambda m: self.log(f"  distill: {m}"))
         seconds = time.perf_counter() - start
         how = f"distilled on the fly ({seconds:.1f} s)"
         if self.save_dir is not None:

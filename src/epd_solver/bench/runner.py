@@ -156,7 +156,7 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     cache_dir = None if cfg.cache_dir == "" else Path(cfg.cache_dir or default_cache_dir())
     dirs = list(cfg.params_dirs) or ([bundled_params_dir()] if bundled_params_dir() else [])
     params_source = ParamsSource(model, model_id, cfg.params, dirs, cfg.distill,
-                                 save_dir=out / "params" if out else None, seed=cfg.seed, log=log)
+                                 save_dir=out / "params" if out else None, log=log)
 
     t0 = time.perf_counter()
     x0 = start_noise(model, cfg.samples, cfg.seed)
