@@ -186,3 +186,20 @@ def test_bench_fd_with_user_features(tmp_path):
     m1, c1, m2, c2 = x.mean(0), np.cov(x, rowvar=False), data.mean(0), np.cov(data, rowvar=False)
     fd = np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
     assert row["fd"] == pytest.approx(fd, rel=1e-6)
+
+
+def test_params_dir_matches_model_id_solver_and_nfe(tmp_path):
+    from epd_solver.bench.learned import ParamsSource
+
+    mine = epd_file(tmp_path, 3)
+    other = EPDParams.load(epd_file(tmp_path, 5))
+    other.meta["model_id"] = "another-model"
+    (tmp_path / "epd-nfe5.safetensors").unlink()
+    other.save(tmp_path / "other.safetensors")
+    source = ParamsSource(digits_mixture(), "gmm:digits", dirs=[tmp_path], distill=False, log=lambda m: None)
+    params, how = source.get("epd", 3)
+    assert how == f"file {mine}" and params.nfe()["para_nfe"] == 3
+    assert source.get("epd", 5) == (None, "no parameter file (distillation disabled)")
+    assert source.get("amed", 3)[0] is None
+    with pytest.raises(ValueError, match="another-model"):
+        ParamsSource(digits_mixture(), "gmm:digits", files=[tmp_path / "other.safetensors"], distill=False)
