@@ -203,3 +203,20 @@ def test_params_dir_matches_model_id_solver_and_nfe(tmp_path):
     assert source.get("amed", 3)[0] is None
     with pytest.raises(ValueError, match="another-model"):
         ParamsSource(digits_mixture(), "gmm:digits", files=[tmp_path / "other.safetensors"], distill=False)
+
+
+def test_paradigms_fixed_grid_by_set(bench):
+    cfg, result, root = bench
+    fixed = BenchConfig(**{**cfg.__dict__, "solvers": "paradigms", "nfe": (3,), "out": None,
+                           "overrides": {"paradigms": {"base_steps": 12}}})
+    row = run_bench(fixed, log=lambda m: None)["rows"][0]
+    gm = digits_mixture()
+    x0 = noise(SAMPLES, SEED)
+    out, info = get_sampler("paradigms")(gm, x0, polynomial(13, 0.002, 80.0, 7.0), window=12, tolerance=0.1,
+                                         max_passes=3, return_info=True)
+    exact = exact_endpoint(gm, x0, 80.0, 0.002)
+    assert row["rmse"] == pytest.approx(float((out - exact).pow(2).mean().sqrt()), rel=1e-6)
+    assert (row["para_nfe"], row["evaluations"], row["n_points"]) == (3, info.nfe.evaluations, 13)
+    bad = BenchConfig(**{**fixed.__dict__, "overrides": {"paradigms": {"max_passes": 2}}})
+    with pytest.raises(ValueError, match="base_steps, window and tolerance"):
+        run_bench(bad, log=lambda m: None)

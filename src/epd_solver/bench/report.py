@@ -103,7 +103,7 @@ def _settings_table(rows: list[dict[str, Any]], nfes: list[int]) -> str:
         first = mine[0]
         points = "/".join(str(r.get("n_points", "–")) for r in mine)
         knobs = "; ".join(dict.fromkeys(", ".join(f"{k}={v}" for k, v in sorted(r.get("knobs", {}).items())
-                                                  if k != "afs") for r in mine))
+                                                  if k not in ("afs", "max_passes")) for r in mine))
         sources = "; ".join(dict.fromkeys(f"{r['params_source']}" for r in mine if r.get("params_source")))
         lines.append(f"| {first['method']} | {first.get('schedule', '')}, {points} | "
                      f"{'yes' if first.get('afs') else 'no'} | {knobs} | {first.get('setting', '')} | {sources} |")
@@ -133,10 +133,10 @@ def markdown(result: dict[str, Any]) -> str:
     if notes:
         out += ["## Notes", ""] + [f"- {r['method']} @ NFE {r['nfe']}: {r['note']}" for r in notes] + [""]
     cal = result.get("paradigms_calibration") or {}
-    if cal:
+    if cal and all("tried" in c for c in cal.values()):
         out += ["ParaDiGMS: finest polynomial base grid whose Picard iteration (tolerance 0.1, full window) converged "
                 "within the pass budget on a calibration batch: " + ", ".join(
-                    f"NFE {n}: {c['base_steps']} steps" for n, c in cal.items()) + ".", ""]
+                    f"NFE {n}: {c['base_steps']} steps" for n, c in cal.items()) + "; passes capped at the NFE.", ""]
     out += ["## Settings per row", "", _settings_table(rows, nfes), "",
             "## Run", "",
             f"- command: `{result.get('command') or 'run_bench(...)'}`",

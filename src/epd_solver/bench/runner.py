@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .learned import ParamsSource, bundled_params_dir
-from .paradigms_grid import calibrate_paradigms, paradigms_sigmas
+from .paradigms_grid import TOLERANCE, calibrate_paradigms, paradigms_sigmas
 from .quality import Quality
 from .reference import default_cache_dir, reference_endpoints, start_noise
 from .settings import bench_setting, group_of, resolve_solvers, row_name
@@ -115,10 +115,11 @@ def _run_cell(model, solver: str, nfe: int, x0: torch.Tensor, params_source: Par
         sigmas, knobs = params.sigmas, {"params": params}
         info.update(afs=params.afs, knobs={"k": params.k}, schedule=params.meta.get("schedule", "from file"))
     elif solver == "paradigms":
-        cal = paradigms[nfe]
+        cal = {**paradigms[nfe], **overrides}
         sigmas = paradigms_sigmas(model, cal["base_steps"])
-        knobs = {"window": cal["window"], "tolerance": cal["tolerance"], "max_passes": cal["max_passes"]}
-        info.update(knobs=dict(knobs), setting="bench (calibrated)")
+        knobs = {"window": cal["window"], "tolerance": cal["tolerance"], "max_passes": nfe}
+        info.update(knobs={**knobs, "base_steps": cal["base_steps"]}, setting="bench (calibrated)" if not overrides
+                    else "--set " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     else:
         sigmas, knobs = paper_sigmas(setting, model), {**setting["knobs"], **overrides}
         if overrides:
@@ -147,9 +148,10 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     solvers = resolve_solvers(cfg.solvers)
     for name, knobs in cfg.overrides.items():
-        if name not in solvers or bench_setting(name, cfg.nfe[0])["source"] not in ("paper", "bench") \
-                or name == "paradigms":
+        if name not in solvers or bench_setting(name, cfg.nfe[0])["source"] not in ("paper", "bench"):
             raise ValueError(f"--set {name}.{next(iter(knobs))}: {name!r} is not a training-free solver of this run")
+        if name == "paradigms" and not set(knobs) <= {"base_steps", "window", "tolerance"}:
+            raise ValueError("--set paradigms takes base_steps, window and tolerance (passes are capped at the NFE)")
     model = load_model(cfg.model)
     model_id = str(getattr(model, "name", cfg.model))
     quality = Quality(model, cfg.features, cfg.inception_weights, cfg.fid_ref)  # fails fast on FID options
@@ -167,8 +169,11 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     ref_quality = quality.measure(ref.x)
     paradigms: dict[int, dict[str, Any]] = {}
     if "paradigms" in solvers:
+        fixed = cfg.overrides.get("paradigms", {})
         for n in cfg.nfe:
-            paradigms[n] = calibrate_paradigms(model, n, cfg.seed, cache_dir)
+            paradigms[n] = {"base_steps": fixed["base_steps"], "window": fixed.get("window", fixed["base_steps"]),
+                            "tolerance": fixed.get("tolerance", TOLERANCE)} if "base_steps" in fixed \
+                else calibrate_paradigms(model, n, cfg.seed, cache_dir)
         log("paradigms base steps per NFE: " + ", ".join(f"{n}: {c['base_steps']}" for n, c in paradigms.items()))
 
     rows, samples = [], {}
