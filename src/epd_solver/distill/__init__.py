@@ -16,3 +16,22 @@ from .teacher import TeacherSpec, run_teacher, teacher_grid
 __all__ = ["distill", "DistillRun", "report_line", "warm_start", "DiskCache", "default_cache_dir",
            "model_fingerprint", "RECIPES", "DistillConfig", "make_config", "recipe_defaults", "LOSSES",
            "DistillLoss", "Student", "TeacherSpec", "run_teacher", "teacher_grid"]
+
+
+class _CallableModule(type(__import__("sys"))):
+    """``epd_solver.distill`` names both this package and the function: once any submodule is imported,
+    Python binds the package to ``epd_solver.distill``, so the package itself forwards calls."""
+
+    def __call__(self, *args, **kwargs):
+        return distill(*args, **kwargs)
+
+
+def _bind() -> None:
+    import inspect
+    import sys
+
+    sys.modules[__name__].__class__ = _CallableModule
+    globals()["__signature__"] = inspect.signature(distill)
+
+
+_bind()

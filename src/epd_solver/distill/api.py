@@ -333,10 +333,13 @@ def warm_start(tables: EPDTables, source: Any) -> None:
     lam = lam / lam.sum(-1, keepdim=True)
     for v, s in ((c, tables.scale_dir), (a, tables.scale_time)):
         v.copy_(1 + (v - 1).clamp(-(1 - eps) * s, (1 - eps) * s) if s > 0 else torch.ones_like(v))
-    if tables.kind == "ordered":  # distinct positions
-        r = torch.sort(r, -1).values
-        r = r + eps * torch.arange(r.shape[1], dtype=r.dtype)
-        r = r.clamp(eps, 1 - eps)
+    if tables.kind == "ordered":  # sorted, distinct positions (ties pulled apart by eps)
+        order = torch.argsort(r, -1)
+        r, lam, c, a = (v.gather(-1, order) for v in (r, lam, c, a))
+        for j in range(1, r.shape[1]):
+            r[:, j] = torch.maximum(r[:, j], r[:, j - 1] + eps)
+        if torch.any(r >= 1):
+            raise ValueError("init_from: too many coinciding positions to separate")
     tables.load_natural_(r, lam, c, a)
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..epd import EPDTables
 from .config import DistillConfig
 from .losses import DistillLoss
+from .optim import Adam, lbfgs
 from .student import Student
 from .validate import rmse
 
@@ -37,10 +38,6 @@ _UNTRAINED_FIELDS = {"compare", "exact_check"}
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed (other settings, malformed file)."""
-
-
-class _NonFinite(Exception):
-    pass
 
 
 @dataclasses.dataclass
@@ -155,22 +152,20 @@ class Trainer:
         bar.set_postfix(loss=f"{self.running:.3e}", val=f"{self.history[-1]['val_rmse']:.4g}",
                         best=f"{self.best_val:.4g}", refresh=False)
 
-    def _run_adam(self, state: dict[str, Any] | None) -> None:
+    def _run_adam(self, state: dict[str, torch.Tensor] | None) -> None:
         c = self.cfg
-        opt = torch.optim.Adam(self.params, lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
+        opt = Adam(self.params)
         if state is not None:
-            opt.load_state_dict(state)
+            opt.load_state(state)
         total = c.iterations
         with self._bar(total, "it") as bar:
             while self.iteration < total:
                 it = self.iteration
-                for g in opt.param_groups:
-                    g["lr"] = self._lr(it)
-                opt.zero_grad(set_to_none=True)
+                self._zero_grad()
                 loss = self._batch_loss(self._batch_indices(it))
                 loss.backward()
                 if torch.isfinite(loss) and self._grads_finite():
-                    opt.step()
+                    opt.step(self._lr(it))
                     self._note(float(loss.detach()))
                 else:
                     self.nonfinite += 1
@@ -179,74 +174,74 @@ class Trainer:
                     self._record_validation()
                 if self.checkpoint is not None and (self.iteration % self.checkpoint_every == 0
                                                     or self.iteration == total):
-                    self._save_checkpoint(opt)
+                    self._save_checkpoint(opt.state())
                 self._postfix(bar)
                 bar.update(1)
                 if self.on_iteration is not None:
                     self.on_iteration(self.iteration, {"loss": self.running, "val": self.history[-1]["val_rmse"]})
 
-    def _full_loss(self) -> torch.Tensor:
-        """Mean loss over all training trajectories, gradients accumulated chunk by chunk."""
+    def _zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _full_loss(self, flat: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Mean loss over all training trajectories at ``flat`` and its gradient (accumulated per chunk)."""
+        torch.nn.utils.vector_to_parameters(flat.to(self.params[0].dtype), self.params)
+        self._zero_grad()
         total = 0.0
         for start in range(0, self.n, self.cfg.batch):
             idx = torch.arange(start, min(start + self.cfg.batch, self.n))
             loss = self._batch_loss(idx) * (idx.numel() / self.n)
             if not torch.isfinite(loss):
-                raise _NonFinite
+                raise FloatingPointError("non-finite loss")
             loss.backward()
             total += float(loss.detach())
         if not self._grads_finite():
-            raise _NonFinite
-        return torch.tensor(total, dtype=torch.float64)
+            raise FloatingPointError("non-finite gradient")
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        return total, grad.to(torch.float64)
 
     def _run_lbfgs(self) -> None:
+        """Rounds of ``lbfgs_iterations`` L-BFGS steps on the full training set; the memory restarts every
+        round, so a checkpoint at a round boundary holds the whole state."""
         c = self.cfg
-        per_round = c.lbfgs_iterations
         with self._bar(c.iterations, "it") as bar:
             while self.iteration < c.iterations:
-                start = self.tables.raw()
-                opt = torch.optim.LBFGS(self.params, lr=c.lr, max_iter=per_round, max_eval=per_round * 5 // 4,
-                                        history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
-                                        tolerance_change=1e-14)
+                start = torch.nn.utils.parameters_to_vector(self.params).detach().to(torch.float64)
 
-                def closure():
-                    opt.zero_grad(set_to_none=True)
-                    loss = self._full_loss()
-                    self._note(float(loss))
+                def seen(f: float) -> None:
+                    self._note(f)
                     bar.set_postfix(loss=f"{self.running:.3e}", best=f"{self.best_val:.4g}", refresh=False)
-                    return loss
 
                 try:
-                    opt.step(closure)
-                except _NonFinite:
+                    result = lbfgs(self._full_loss, start, c.lbfgs_iterations, on_evaluation=seen)
+                    end = result.x
+                except FloatingPointError:
                     self.nonfinite += 1
-                    self.tables.load_raw_(start)  # the round's update is skipped
-                self.iteration += per_round
+                    end = start  # the round's update is skipped
+                with torch.no_grad():
+                    torch.nn.utils.vector_to_parameters(end.to(self.params[0].dtype), self.params)
+                self._zero_grad()
+                self.iteration += c.lbfgs_iterations
                 self._record_validation()
                 if self.checkpoint is not None:
                     self._save_checkpoint(None)
                 self._postfix(bar)
-                bar.update(per_round)
+                bar.update(c.lbfgs_iterations)
                 if self.on_iteration is not None:
                     self.on_iteration(self.iteration, {"loss": self.running, "val": self.history[-1]["val_rmse"]})
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def _save_checkpoint(self, opt: torch.optim.Optimizer | None) -> None:
+    def _save_checkpoint(self, opt_state: dict[str, torch.Tensor] | None) -> None:
         from safetensors.torch import save_file
 
         tensors = {f"tables.{n}": v for n, v in self.tables.raw().items()}
         tensors.update({f"best.{n}": v for n, v in self.best_raw.items()})
-        opt_meta = None
-        if opt is not None:
-            sd = opt.state_dict()
-            for pid, st in sd["state"].items():
-                for name, v in st.items():
-                    tensors[f"adam.{pid}.{name}"] = torch.as_tensor(v).detach().clone()
-            opt_meta = sd["param_groups"]
+        tensors.update({f"adam.{n}": v for n, v in (opt_state or {}).items()})
         state = {"format": CHECKPOINT_FORMAT, "key": self.key, "iteration": self.iteration,
                  "best_val": self.best_val, "best_iteration": self.best_iteration, "init_val": self.init_val,
                  "nonfinite": self.nonfinite, "history": self.history, "running": self.running,
-                 "param_groups": opt_meta}
+                 "adam": opt_state is not None}
         path = self.checkpoint
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -259,7 +254,7 @@ class Trainer:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _load_checkpoint(self) -> dict[str, Any] | None:
+    def _load_checkpoint(self) -> dict[str, torch.Tensor] | None:
         from safetensors import safe_open
 
         try:
@@ -278,12 +273,7 @@ class Trainer:
         self.iteration, self.best_val = int(state["iteration"]), float(state["best_val"])
         self.best_iteration, self.init_val = int(state["best_iteration"]), float(state["init_val"])
         self.nonfinite, self.history, self.running = int(state["nonfinite"]), state["history"], float(state["running"])
-        if state.get("param_groups") is None:
+        if not state.get("adam"):
             return None
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("adam."):
-                _, pid, name = k.split(".", 2)
-                opt_state.setdefault(int(pid), {})[name] = v
-        return {"state": opt_state, "param_groups": state["param_groups"]}
+        return {k[5:]: v for k, v in tensors.items() if k.startswith("adam.")}
 

@@ -1,0 +1,295 @@
+"""Distillation: teacher, student, losses, training loop, cache, checkpoints and the CLI.
+
+Reference values come from closed forms (Gaussian data: the ODE flow map is x0 sqrt((s^2 + sigma^2) /
+(s^2 + sigma0^2))), hand-written single steps and independent counts, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from epd_solver.distill import (DiskCache, DistillLoss, DistillRun, Student, TeacherSpec, distill, make_config,
+                                model_fingerprint, run_teacher, teacher_grid)
+from epd_solver.distill.noise import SeedRange, trajectory_noise
+from epd_solver.distill.train import TrainData, Trainer
+from epd_solver.epd import EPDParams, EPDTables, sample_epd
+from epd_solver.schedules import get_sigmas
+
+S = 0.5  # data standard deviation of the Gaussian toy model
+
+
+class GaussDenoiser(torch.nn.Module):
+    """Exact denoiser of N(0, s^2 I) data with a learnable (but to-be-frozen) log s; counts rows."""
+
+    sigma_min, sigma_max, shape, name, kind = 0.002, 80.0, (4,), "gauss-test", "edm"
+
+    def __init__(self):
+        super().__init__()
+        self.log_s = torch.nn.Parameter(torch.tensor(math.log(S), dtype=torch.float64))
+        self.rows = 0
+
+    def forward(self, x, sigma):
+        self.rows += x.shape[0]
+        s2 = torch.exp(2 * self.log_s).to(x.dtype)
+        return x * (s2 / (s2 + sigma.to(x.dtype)[:, None] ** 2))
+
+
+def flow(x0, sigma0, sigma):
+    return x0 * math.sqrt((S**2 + sigma**2) / (S**2 + sigma0**2))
+
+
+TINY = dict(trajectories=8, batch=4, val_trajectories=8, lbfgs_rounds=1, lbfgs_iterations=3, compare=False)
+
+
+# -- noise, grids, teacher -------------------------------------------------------------------------------
+def test_noise_is_per_seed():
+    z = trajectory_noise((3,), SeedRange(5, 4))
+    for j in range(4):
+        ref = torch.randn(3, generator=torch.Generator().manual_seed(5 + j), dtype=torch.float64)
+        assert torch.equal(z[j], ref)
+    assert torch.equal(trajectory_noise((3,), [7]), z[2:3])
+
+
+def test_teacher_grids_nest_the_student_grid():
+    student = torch.tensor([80.0, 1.0, 0.01], dtype=torch.float64)
+    fine = teacher_grid(student, TeacherSpec.make("heun", 1, "logsnr"))
+    assert torch.allclose(fine, torch.tensor([80.0, math.sqrt(80.0), 1.0, 0.1, 0.01], dtype=torch.float64))
+    s = get_sigmas("time_uniform", 4, 0.002, 80.0)
+    fine = teacher_grid(s, TeacherSpec.make("dpm_2", 3), "time_uniform")
+    assert fine.numel() == 4 * 3 + 1 and torch.equal(fine[::4], s)
+    with pytest.raises(ValueError, match="not nested"):
+        teacher_grid(s, TeacherSpec.make("dpm_2", 3), "polynomial")
+    with pytest.raises(ValueError, match="training-free"):
+        TeacherSpec.make("epd", 3)
+    with pytest.raises(ValueError, match="AFS"):
+        TeacherSpec.make("heun", 3, knobs={"afs": True})
+
+
+def test_teacher_states_sit_on_the_student_grid():
+    model = GaussDenoiser()
+    s = get_sigmas("polynomial", 4, 0.002, 80.0, rho=7.0)
+    x0 = 80.0 * trajectory_noise((4,), SeedRange(0, 6))
+    errors = []
+    for m in (15, 31):
+        spec = TeacherSpec.make("heun", m, "logsnr")
+        states, report = run_teacher(model, x0, teacher_grid(s, spec), spec, batch=4)
+        assert states.shape == (6, 3, 4)
+        assert report.para_nfe == 2 * (m + 1) * 3  # Heun: 2 rounds per refined step, no AFS
+        exact = torch.stack([flow(x0, 80.0, float(v)) for v in s[1:]], 1)
+        err = (states - exact).abs().amax((0, 2)) / exact.abs().amax((0, 2))
+        assert err.max() < 1e-2  # a state from a neighbouring grid point would be off by O(1)
+        errors.append(err)
+    assert torch.all(errors[1] < errors[0] / 3)  # Heun's second order: halving the sub-steps quarters the error
+
+
+# -- losses ---------------------------------------------------------------------------------------------
+def test_losses_are_per_sample_means():
+    teacher = torch.zeros(2, 3, 4)
+    student = [torch.full((2, 4), 1.0), torch.full((2, 4), 2.0), torch.tensor([[3.0] * 4, [1.0] * 4])]
+    assert DistillLoss("per_step").per_sample(student, teacher).tolist() == [1 + 4 + 9, 1 + 4 + 1]
+    assert DistillLoss("final")(student, teacher).item() == pytest.approx((9 + 1) / 2)
+    feat = DistillLoss("per_step+feature", feature=lambda x: x[:, :2] * 10, feature_weight=0.5)
+    assert feat.per_sample(student, teacher).tolist() == [14 + 0.5 * 900, 6 + 0.5 * 100]
+    with pytest.raises(ValueError, match="feature extractor"):
+        DistillLoss("per_step+feature")
+
+
+# -- student --------------------------------------------------------------------------------------------
+def _midpoint_step(model, x, t, u):
+    """DPM-Solver-2 / EPD K = 1, r = 1/2, c = a = 1, written out by hand (EPD.md §4)."""
+    sig = lambda v: torch.full((x.shape[0],), v, dtype=x.dtype)  # noqa: E731
+    d = (x - model(x, sig(t))) / t
+    m = math.sqrt(t * u)
+    xm = x + (m - t) * d
+    return x + (u - t) * (xm - model(xm, sig(m))) / m
+
+
+def test_student_rollout_modes_match_hand_steps():
+    model = GaussDenoiser()
+    s = get_sigmas("time_uniform", 4, 0.002, 80.0)
+    x0 = 80.0 * trajectory_noise((4,), SeedRange(0, 3))
+    teacher = torch.stack([flow(x0, 80.0, float(v)) for v in s[1:]], 1)
+    tables = EPDTables(3, 1)  # deterministic init: r = 1/2, lam = 1, c = a = 1
+    free = Student("epd", s, afs=False).states(model, tables, x0)
+    forced = Student("epd", s, afs=False, rollout="teacher_forced", bptt="detached").states(model, tables, x0, teacher)
+    x = x0
+    for i in range(3):
+        x = _midpoint_step(model, x, float(s[i]), float(s[i + 1]))
+        assert torch.allclose(free[i], x, rtol=1e-12, atol=1e-12)
+        start = x0 if i == 0 else teacher[:, i - 1]
+        assert torch.allclose(forced[i], _midpoint_step(model, start, float(s[i]), float(s[i + 1])), rtol=1e-12,
+                              atol=1e-12)
+    # detached BPTT: the last state's loss reaches only the last row
+    detached = Student("epd", s, afs=False, bptt="detached").states(model, tables, x0)
+    detached[-1].pow(2).sum().backward()
+    g = tables.position_logits.grad
+    assert g[:2].abs().max() == 0 and g[2].abs().max() > 0
+    with pytest.raises(ValueError, match="plugin"):
+        Student("epd_plugin", s, afs=False, rollout="teacher_forced")
+
+
+# -- the whole run --------------------------------------------------------------------------------------
+def test_model_is_frozen_and_receives_no_gradient(tmp_path):
+    model = GaussDenoiser()
+    params = distill(model, "epd", 5, cache_dir=tmp_path, teacher_points=3, **TINY)
+    assert model.log_s.grad is None and model.log_s.requires_grad  # restored afterwards
+    r, lam, c, a = params.natural()
+    assert not torch.allclose(r, EPDTables(3, 2).natural()[0].detach())  # the tables did train
+    assert params.meta["teacher"] == {"solver": "dpm_2", "points": 3, "subgrid": "logsnr", "knobs": {}}
+    assert params.meta["teacher_nfe"] == 2 * 4 * 3
+
+
+def test_teacher_cache_is_reused(tmp_path):
+    runs = []
+    for _ in range(2):
+        model = GaussDenoiser()
+        p = distill(model, "epd", 5, cache_dir=tmp_path, teacher_points=3, teacher_subgrid="schedule", **TINY)
+        runs.append((model.rows, p))
+    steps = 3
+    teacher_rows = (8 * 2 * 4 * steps      # validation subset = validation set, M = 3
+                    + 8 * 2 * 8 * steps    # its 2x refined check, M = 7
+                    + 8 * 2 * 4 * steps)   # training trajectories
+    assert runs[0][0] - runs[1][0] == teacher_rows
+    assert runs[1][1].meta["timing"]["teacher_evaluations_this_run"] == 0
+    assert torch.equal(runs[0][1].r, runs[1][1].r)
+    # a plain function cannot be told apart from another one: no cache without a model id
+    assert model_fingerprint(lambda x, s: x) is None
+    assert model_fingerprint(GaussDenoiser()) != model_fingerprint(_other_gauss())
+
+
+def _other_gauss():
+    m = GaussDenoiser()
+    with torch.no_grad():
+        m.log_s.add_(0.1)
+    return m
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, optimizer):
+    opts = dict(cache_dir=tmp_path / "cache", teacher_points=1, optimizer=optimizer, trajectories=16, batch=4,
+                val_trajectories=8, val_every=2, lbfgs_rounds=3, lbfgs_iterations=2, compare=False)
+    if optimizer == "adam":
+        opts.update(lr=0.1, lr_floor=0.01)
+    whole = distill(GaussDenoiser(), "epd", 5, **opts)
+
+    class Killed(Exception):
+        pass
+
+    def kill(it, info):
+        if it >= 2:
+            raise Killed
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Killed):
+        distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, checkpoint_every=1, on_iteration=kill, **opts)
+    assert ckpt.exists()
+    with pytest.raises(FileExistsError, match="resume"):
+        distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, **opts)
+    resumed = distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, resume=True, **opts)
+    assert resumed.meta["training"]["resumed_from"] == 2
+    for a, b in zip(whole.natural(), resumed.natural()):
+        assert torch.equal(a, b)
+    assert whole.meta["training"]["history"] == resumed.meta["training"]["history"]
+
+
+def test_nonfinite_gradients_are_skipped_and_counted():
+    model = GaussDenoiser()
+    cfg = make_config("epd", 3, optimizer="adam", lr=0.05, trajectories=4, batch=1, val_trajectories=2, val_every=1,
+                      teacher_points=1)
+    s = get_sigmas("time_uniform", 3, 0.002, 80.0)
+    x0 = 80.0 * trajectory_noise((4,), SeedRange(0, 4))
+    teacher = torch.stack([flow(x0, 80.0, float(v)) for v in s[1:]], 1)
+    teacher[2, -1, 0] = float("nan")  # one poisoned trajectory
+    tables = EPDTables(2, 2, sigmas=s)
+    data = TrainData(x0, teacher, x0[:2], teacher[:2])
+    out = Trainer(model, cfg, Student("epd", s, afs=True), tables, DistillLoss("per_step"), data,
+                  progress=False).run()
+    assert out.nonfinite_skipped == 1 and out.iterations == 4
+    assert all(torch.isfinite(v).all() for v in tables.natural())
+
+
+def test_learned_solver_kinds_and_recipes(tmp_path):
+    model = GaussDenoiser()
+    x = 80.0 * trajectory_noise((4,), SeedRange(0, 2))
+    for solver, recipe in (("amed", "amed"), ("amed_plugin", "amed"), ("epd_plugin", "default")):
+        p = distill(model, solver, 5, recipe=recipe, cache_dir=tmp_path, **dict(TINY, teacher_points=1))
+        assert p.solver == solver and p.k == (2 if solver == "epd_plugin" else 1)
+        assert p.meta["recipe"] == recipe
+        assert torch.isfinite(sample_epd(model, x, p.sigmas, p)).all()
+    amed = make_config("amed", 5, "amed")
+    assert (amed.teacher, amed.teacher_points, amed.schedule, amed.rollout) == ("heun", 1, "time_uniform",
+                                                                                "teacher_forced")
+    official = make_config("epd", 5, "official")
+    assert (official.lr, official.init, official.loss, official.optimizer) == (0.2, "randn", "per_step", "adam")
+    assert official.iterations == 313  # 10k trajectories in batches of 32
+    with pytest.raises(ValueError, match="not reachable"):
+        make_config("epd", 4, afs=True)
+    with pytest.raises(ValueError, match="K = 1"):
+        make_config("amed", 5, k=2)
+    with pytest.raises(TypeError, match="unknown"):
+        make_config("epd", 5, learning_rate=1.0)
+
+
+def test_distill_a_plain_callable_with_its_shape(tmp_path):
+    def denoiser(x, sigma):
+        return x * (S**2 / (S**2 + sigma[:, None] ** 2))
+
+    with pytest.raises(ValueError, match="shape"):
+        distill(denoiser, "epd", 3, sigma_min=0.002, sigma_max=80.0, **TINY)
+    p = distill(denoiser, "epd", 3, shape=(4,), sigma_min=0.002, sigma_max=80.0, teacher_points=15,
+                **dict(TINY, lbfgs_iterations=10))
+    assert p.meta["timing"]["cache_hits"] == 0 and p.meta["timing"]["cache_misses"] == 0  # uncached
+    x0 = 80.0 * trajectory_noise((4,), SeedRange(3 * 10**9, 64))  # unseen noises
+    exact = flow(x0, 80.0, 0.002)
+    learned = (sample_epd(denoiser, x0, p.sigmas, p) - exact).abs().max() / exact.abs().max()
+    untrained = EPDParams.from_tables(EPDTables(2, 2), sigmas=p.sigmas, afs=True)
+    before = (sample_epd(denoiser, x0, p.sigmas, untrained) - exact).abs().max() / exact.abs().max()
+    assert learned < 0.02 and learned < before / 10
+
+
+def test_warm_start_from_a_neighbouring_nfe(tmp_path):
+    src = distill(GaussDenoiser(), "epd", 3, cache_dir=tmp_path, teacher_points=1, **TINY)
+    run = DistillRun(GaussDenoiser(), "epd", 5, cache_dir=tmp_path, teacher_points=1, **TINY)
+    from epd_solver.distill import warm_start
+
+    tables = EPDTables(3, 2, sigmas=run.sigmas)
+    warm_start(tables, src)
+    r_new, r_old = tables.natural()[0].detach(), src.r
+    assert torch.allclose(r_new[0], r_old[0], atol=1e-9) and torch.allclose(r_new[2], r_old[1], atol=1e-9)
+    assert torch.allclose(r_new[1], r_old[0], atol=1e-9)  # row 1 of 3 -> nearest of 2: row 0
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+def test_cli_refuses_overwrite_and_reports_a_crippled_run(tmp_path, capsys):
+    from epd_solver.cli import main
+
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["distill", "--model", "gmm:digits", "--nfe", "3", "--out", str(out)]) == 2
+    assert out.read_bytes() == b"keep me"
+    assert "--force" in capsys.readouterr().err
+
+    common = ["distill", "--model", "gmm:digits", "--nfe", "3", "--cache-dir", str(tmp_path / "c"), "--quiet",
+              "--trajectories", "1", "--lbfgs-rounds", "1", "--lbfgs-iterations", "1", "--val-trajectories", "16",
+              "--teacher-points", "3"]
+    fresh = tmp_path / "q.safetensors"
+    assert main(common + ["--out", str(fresh)]) == 3  # one trajectory, one iteration: worse than the baselines
+    captured = capsys.readouterr()
+    assert "NOT better" in captured.out + captured.err and not fresh.exists()
+    assert main(common + ["--out", str(fresh), "--resume", "--allow-worse"]) == 0
+    p = EPDParams.load(fresh)
+    assert p.meta["validation"]["better"] is False and p.meta["validation"]["reference"] == "exact"
+    assert main(common + ["--out", str(fresh)]) == 2  # exists now
+
+
+def test_package_name_and_function_both_call_distill(tmp_path):
+    import importlib
+
+    import epd_solver
+
+    importlib.import_module("epd_solver.distill.train")  # binds the package to epd_solver.distill
+    p = epd_solver.distill(GaussDenoiser(), "epd", 3, cache_dir=tmp_path, teacher_points=1, **TINY)
+    assert isinstance(p, EPDParams) and p.k == 2
