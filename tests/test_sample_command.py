@@ -248,6 +248,8 @@ def test_learned_solver_and_steps_grid(tmp_path):
     (["--solver", "euler"], "--nfe N"),
     (["--solver", "euler", "--nfe", "5", "--batch", "0"], "--batch"),
     (["--solver", "euler", "--nfe", "5", "--afs"], "AFS"),
+    (["--solver", "euler", "--nfe", "5", "--schedule", "logsnr"], "fixes the grid"),
+    (["--solver", "euler", "--steps", "5", "--schedule", "logsnr", "--rho", "3"], "--rho applies"),
 ])
 def test_bad_input_is_a_named_error(tmp_path, capsys, extra, message):
     args = GMM + ["--out", str(tmp_path / "o")] + extra

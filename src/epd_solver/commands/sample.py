@@ -48,8 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       "against the parameter file for a learned solver")
     grid.add_argument("--steps", type=int, help="grid steps (steps + 1 points) on --schedule over the model's "
                       "sigma range")
-    p.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="polynomial",
-                   help="schedule for --steps, or for --nfe with a solver that has no paper row")
+    p.add_argument("--schedule", choices=SCHEDULE_CHOICES, default=None,
+                   help="schedule for --steps, or for --nfe with a solver that has no paper row (default polynomial)")
     p.add_argument("--rho", type=float, default=None, help="exponent of the polynomial / time_uniform schedule")
     p.add_argument("--afs", action="store_true", help="analytical first step (with --steps)")
     p.add_argument("--seeds", required=True, help="seeds, e.g. 0-49999 or 0-63,100-109 (inclusive)")
@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--branch-parallel", action="store_true",
                    help="split each model call's rows across ranks instead of the seeds (EPD's K branches)")
     p.add_argument("--stats", help="also write pixel-space feature statistics (mu, sigma, n) of all the "
-                   "seeds' outputs, as saved, to this .npz")
+                   "seeds' outputs as saved (uint8 values for png) to this .npz")
     p.add_argument("--force", action="store_true", help="replace an existing --stats file (samples never are)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -98,8 +98,9 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     if spec.learned:
         if not args.params:
             raise ValueError(f"solver {args.solver!r} is learned: pass its parameter file with --params")
-        if args.steps is not None or args.afs:
-            raise ValueError("a learned solver's grid and AFS come from its parameter file: drop --steps/--afs")
+        if args.steps is not None or args.afs or args.schedule or args.rho is not None:
+            raise ValueError("a learned solver's grid and AFS come from its parameter file: drop "
+                             "--steps/--schedule/--rho/--afs")
         from ..epd import EPDParams
 
         params = EPDParams.load(args.params)
@@ -125,22 +126,25 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
             if args.afs:
                 raise ValueError("with --nfe the paper setting fixes AFS: use --steps to choose it")
             if args.solver in PAPER_ROWS:
+                if args.schedule or args.rho is not None:
+                    raise ValueError(f"with --nfe the paper's {args.solver!r} row fixes the grid: use --steps to "
+                                     "choose --schedule/--rho")
                 setting = paper_setting(args.solver, args.nfe)
                 sigmas = paper_sigmas(setting, model)
                 knobs.update(setting["knobs"])
                 plan.update(grid=f"paper:{setting['row']}", schedule=setting["schedule"], afs=setting["afs"])
             else:
                 n = grid_points_for_nfe(args.solver, args.nfe)
-                sigmas = get_sigmas(args.schedule, n, lo, hi, **_schedule_kwargs(args))
-                plan.update(grid=args.schedule, schedule=args.schedule, afs=False)
+                sigmas = get_sigmas(_schedule(args), n, lo, hi, **_schedule_kwargs(args))
+                plan.update(grid=_schedule(args), schedule=_schedule(args), afs=False)
             plan["para_nfe"] = args.nfe
         elif args.steps is not None:
             if args.steps < 1:
                 raise ValueError(f"--steps must be >= 1, got {args.steps}")
-            sigmas = get_sigmas(args.schedule, args.steps + 1, lo, hi, **_schedule_kwargs(args))
+            sigmas = get_sigmas(_schedule(args), args.steps + 1, lo, hi, **_schedule_kwargs(args))
             if args.afs:
                 knobs["afs"] = True
-            plan.update(grid=args.schedule, schedule=args.schedule, afs=args.afs)
+            plan.update(grid=_schedule(args), schedule=_schedule(args), afs=args.afs)
         else:
             raise ValueError(f"solver {args.solver!r} needs --nfe N (the paper's setting) or --steps N")
         unknown = set(knobs) - _sampler_knobs(args.solver)
@@ -151,11 +155,15 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     return {"plan": plan, "knobs": knobs}
 
 
+def _schedule(args: argparse.Namespace) -> str:
+    return args.schedule or "polynomial"
+
+
 def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.rho is None:
         return {}
-    if args.schedule not in ("polynomial", "time_uniform"):
-        raise ValueError(f"--rho applies to the polynomial and time_uniform schedules, not {args.schedule!r}")
+    if _schedule(args) not in ("polynomial", "time_uniform"):
+        raise ValueError(f"--rho applies to the polynomial and time_uniform schedules, not {_schedule(args)!r}")
     return {"rho": args.rho}
 
 
