@@ -15,6 +15,7 @@ from epd_solver.distill import (DiskCache, DistillLoss, DistillRun, Student, Tea
                                 model_fingerprint, run_teacher, teacher_grid)
 from epd_solver.distill.noise import SeedRange, trajectory_noise
 from epd_solver.distill.train import TrainData, Trainer
+from epd_solver.distill.validate import run_baselines
 from epd_solver.epd import EPDParams, EPDTables, sample_epd
 from epd_solver.schedules import get_sigmas
 
@@ -152,7 +153,9 @@ def test_teacher_cache_is_reused(tmp_path):
     teacher_rows = (8 * 2 * 4 * steps      # validation subset = validation set, M = 3
                     + 8 * 2 * 8 * steps    # its 2x refined check, M = 7
                     + 8 * 2 * 4 * steps)   # training trajectories
-    assert runs[0][0] - runs[1][0] == teacher_rows
+    counter = GaussDenoiser()  # the training-free field on the 8 validation noises, counted on its own
+    run_baselines(counter, 80.0 * trajectory_noise((4,), SeedRange(10**9, 8)), 5, 0.002, 80.0)
+    assert runs[0][0] - runs[1][0] == teacher_rows + counter.rows  # the second run evaluates no teacher
     assert runs[1][1].meta["timing"]["teacher_evaluations_this_run"] == 0
     assert torch.equal(runs[0][1].r, runs[1][1].r)
     # a plain function cannot be told apart from another one: no cache without a model id
