@@ -43,7 +43,8 @@ def model_data(model: Any, n: int) -> torch.Tensor | None:
     shape = tuple(model.shape)
     if is_exact_problem(model):
         return model.sample_data(n, generator=torch.Generator().manual_seed(DATA_SEED)).reshape((n,) + shape)
-    dataset = (getattr(model, "config", None) or {}).get("training", {}).get("dataset")
+    training = (getattr(model, "config", None) or {}).get("training", {})
+    dataset = training.get("dataset", training.get("config", {}).get("dataset"))
     if dataset == "digits" or str(getattr(model, "name", "")).startswith("digits"):
         from ..problems import digits_data
 
