@@ -94,6 +94,15 @@ def _ordering_text(rows: list[dict[str, Any]], nfe: int) -> list[str]:
     return lines
 
 
+def _short_source(text: str) -> str:
+    """"file /a/b/x.safetensors" -> "x.safetensors"; "distilled on the fly (12.8 s), saved to ..." -> "distilled (12.8 s)"."""
+    if text.startswith("file "):
+        return Path(text[5:]).name
+    if text.startswith("distilled on the fly"):
+        return "distilled " + text[len("distilled on the fly "):].split(",")[0]
+    return text
+
+
 def _settings_table(rows: list[dict[str, Any]], nfes: list[int]) -> str:
     """One line per method: grid points at each NFE, AFS, knobs, where the setting and parameters came from."""
     lines = ["| Method | grid (points at NFE " + "/".join(map(str, nfes)) + ") | AFS | knobs | setting | parameters |",
@@ -104,7 +113,7 @@ def _settings_table(rows: list[dict[str, Any]], nfes: list[int]) -> str:
         points = "/".join(str(r.get("n_points", "–")) for r in mine)
         knobs = "; ".join(dict.fromkeys(", ".join(f"{k}={v}" for k, v in sorted(r.get("knobs", {}).items())
                                                   if k not in ("afs", "max_passes")) for r in mine))
-        sources = "; ".join(dict.fromkeys(f"{r['params_source']}" for r in mine if r.get("params_source")))
+        sources = " / ".join(_short_source(r["params_source"]) for r in mine if r.get("params_source"))
         lines.append(f"| {first['method']} | {first.get('schedule', '')}, {points} | "
                      f"{'yes' if first.get('afs') else 'no'} | {knobs} | {first.get('setting', '')} | {sources} |")
     return "\n".join(lines)
