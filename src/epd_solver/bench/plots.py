@@ -14,6 +14,9 @@ from .settings import row_name
 __all__ = ["error_plot", "sample_grids", "tile"]
 
 STYLES = {"single-step": ":", "multistep": "--", "learned": "-", "parallel": "-."}
+COLORS = {"euler": "#000000", "heun": "#8c564b", "dpm_2": "#bcbd22", "dpmpp_2m": "#17becf", "dpmpp_3m": "#1f77b4",
+          "unipc": "#9467bd", "ipndm": "#2ca02c", "amed": "#ff7f0e", "amed_plugin": "#e377c2", "epd": "#d62728",
+          "epd_plugin": "#7f0000", "paradigms": "#7f7f7f"}
 
 
 def _pyplot():
@@ -33,15 +36,17 @@ def error_plot(path: Path, result: dict[str, Any]) -> None:
               ("evaluations", "rmse", "evaluations per sample", "RMSE vs reference")]
     if any(r["fd"] is not None for r in rows):
         panels.append(("nfe", "fd", "Para.NFE (sequential rounds)", "Fréchet distance to data"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.6, 4.4))
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(solvers), 2)))
+    spare = iter(plt.get_cmap("tab10").colors)
+    colors = {s: COLORS.get(s) or next(spare) for s in solvers}
     for ax, (xkey, ykey, xlabel, ylabel) in zip(np.atleast_1d(axes), panels):
-        for color, s in zip(colors, solvers):
+        for s in solvers:
             pts = sorted((r[xkey], r[ykey]) for r in rows if r["solver"] == s and r[ykey] is not None)
             if pts:
                 group = next(r["group"] for r in rows if r["solver"] == s)
-                ax.plot(*zip(*pts), STYLES.get(group, "-"), marker="o", ms=4, color=color, label=row_name(s))
+                ax.plot(*zip(*pts), STYLES.get(group, "-"), marker="o", ms=4, color=colors[s], label=row_name(s),
+                        lw=2.2 if s.startswith("epd") else 1.3)
         floor = result["reference"].get(ykey) if ykey != "rmse" else None
         if floor:
             ax.axhline(floor, color="grey", lw=0.8, ls=":", label="reference samples")
@@ -50,10 +55,17 @@ def error_plot(path: Path, result: dict[str, Any]) -> None:
         ax.set_ylabel(ylabel)
         if xkey == "nfe":
             ax.set_xticks(result["nfe"])
+        else:  # ParaDiGMS spends many more evaluations: log scale keeps the others readable
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.set_xticks([3, 5, 10, 20, 50], ["3", "5", "10", "20", "50"])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-    np.atleast_1d(axes)[-1].legend(fontsize=7, loc="upper right", ncol=1)
+    handles, labels = np.atleast_1d(axes)[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
     fig.suptitle(f"{result['model']}: {result['samples']} samples, same start noise for every solver", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
