@@ -81,7 +81,9 @@ def _ordering_text(rows: list[dict[str, Any]], nfe: int) -> list[str]:
         o = ordering_vs_paper(rows, nfe, metric)
         if not o["ranking"]:
             continue
-        ranking = " < ".join(f"{row_name(s)} {fmt(v)}" for s, v in o["ranking"])
+        ranking = f"{row_name(o['ranking'][0][0])} {fmt(o['ranking'][0][1])}"
+        for (_, prev), (s, v) in zip(o["ranking"], o["ranking"][1:]):
+            ranking += f" {'≈' if fmt(v) == fmt(prev) else '<'} {row_name(s)} {fmt(v)}"
         lines.append(f"- **{title}** at NFE {nfe}: {ranking}.")
         if o["checked"]:
             verdict = "holds" if not o["violations"] else "differs: " + "; ".join(o["violations"])
