@@ -30,6 +30,8 @@ _EXPORTS = {
     "sample_epd": "epd", "EPDParams": "epd",
     # distillation
     "distill": "distill",
+    # the bundled model
+    "load_default_model": "models", "load_model_from": "models",
     # diffusers integration (optional dependency, imported on first use)
     "EPDScheduler": "integrations.diffusers_scheduler",
 }
