@@ -11,7 +11,8 @@ Problems (the sampler runs in float64):
                    cheap rows, so the sampler's own arithmetic and the exchange of 3072-d rows weigh more;
   synthetic-heavy  the same construction with 32 components of rank 64 (16x the flops per row, same rows);
   mlp              a network stand-in on 64-d rows: EDM preconditioning around a random float32 MLP
-                   (4 hidden layers of 1024), model-bound with small rows, like a real denoiser.
+                   (4 hidden layers of 1024), model-bound with small rows, like a real denoiser;
+  digits           the bundled digits U-Net (float32, 1x8x8).
 
     python benchmarks/branch_parallel.py [--problem mlp] [--batch 512] [--repeats 9]
 
@@ -37,7 +38,7 @@ import torch.distributed
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET_CORES = 0.25  # a run pair counts as quiet when other processes used less than this many cores
 PROBLEMS = {"synthetic": dict(components=8, rank=16), "synthetic-heavy": dict(components=32, rank=64),
-            "mlp": dict(width=1024, depth=4)}
+            "mlp": dict(width=1024, depth=4), "digits": {}}
 
 
 class MLPDenoiser(torch.nn.Module):
@@ -77,6 +78,10 @@ def build(problem: str, k: int, steps: int):
 
     if problem == "mlp":
         model = MLPDenoiser(**PROBLEMS[problem])
+    elif problem == "digits":
+        from epd_solver.models import load_default_model
+
+        model = load_default_model()
     else:
         model = synthetic_mixture(dim=3072, **PROBLEMS[problem])
     r = [[(j + 1) / (k + 1) for j in range(k)]] * steps
@@ -93,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
     du.init("cpu")
     me = du.rank()
     model, params = build(args.problem, args.k, args.steps)
-    x = du.noise_for_seeds(range(args.batch), (model.dim,), torch.float64) * float(params.sigmas[0])
+    x = du.noise_for_seeds(range(args.batch), model.shape, torch.float64) * float(params.sigmas[0])
     parallel = du.RowParallelDenoiser(model)
 
     def run(m):
@@ -145,8 +150,8 @@ def summarise(args, model, nfe, single, branch, parallel, ref, out, load_before)
     quiet = [(a, b) for a, b in zip(single, branch)
              if a["foreign_cores"] is not None and max(a["foreign_cores"], b["foreign_cores"]) < QUIET_CORES]
     report = {
-        "problem": args.problem, "dim": model.dim, **PROBLEMS[args.problem],
-        "dtype": "float64 sampler" + (", float32 network" if args.problem == "mlp" else ""),
+        "problem": args.problem, "shape": list(model.shape), **PROBLEMS[args.problem],
+        "dtype": "float64 sampler" + (", float32 network" if args.problem in ("mlp", "digits") else ""),
         "batch": args.batch, "k": args.k, "steps": args.steps, "para_nfe": nfe.para_nfe,
         "evaluations_per_sample": nfe.evaluations, "rows_per_branch_call": args.batch * args.k,
         "ranks": 2, "threads_per_process": torch.get_num_threads(), "backend": "gloo",
@@ -178,8 +183,10 @@ def free_port() -> int:
 
 def describe(r: dict) -> str:
     if r["problem"] == "mlp":
-        return f"d = {r['dim']}, float32 MLP stand-in, {r['depth']} hidden layers of {r['width']}"
-    return f"Gaussian mixture, d = {r['dim']}, {r['components']} components of rank {r['rank']}"
+        return f"d = {r['shape'][0]}, float32 MLP stand-in, {r['depth']} hidden layers of {r['width']}"
+    if r["problem"] == "digits":
+        return "the bundled digits U-Net, float32, 1x8x8"
+    return f"Gaussian mixture, d = {r['shape'][0]}, {r['components']} components of rank {r['rank']}"
 
 
 def markdown(report: dict, note: str) -> str:
