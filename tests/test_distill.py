@@ -94,6 +94,8 @@ def test_losses_are_per_sample_means():
     assert DistillLoss("final")(student, teacher).item() == pytest.approx((9 + 1) / 2)
     feat = DistillLoss("per_step+feature", feature=lambda x: x[:, :2] * 10, feature_weight=0.5)
     assert feat.per_sample(student, teacher).tolist() == [14 + 0.5 * 900, 6 + 0.5 * 100]
+    vp = DistillLoss("per_step_vp", sigmas=torch.tensor([80.0, 3.0, 1.0, 0.0]))
+    assert vp.per_sample(student, teacher).tolist() == pytest.approx([1 / 10 + 4 / 2 + 9, 1 / 10 + 4 / 2 + 1])
     with pytest.raises(ValueError, match="feature extractor"):
         DistillLoss("per_step+feature")
 

@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
     g.add_argument("--lr-floor", type=float, help="Adam: cosine decay floor (absolute)")
     g.add_argument("--lbfgs-rounds", type=int)
     g.add_argument("--lbfgs-iterations", type=int)
-    g.add_argument("--loss", choices=["per_step", "final", "per_step+feature"])
+    g.add_argument("--loss", choices=["per_step", "final", "per_step+feature", "per_step_vp"])
     g.add_argument("--feature-extractor", help="module:function, a differentiable feature map for "
                    "loss per_step+feature")
     g.add_argument("--feature-weight", type=float)

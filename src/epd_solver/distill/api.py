@@ -125,7 +125,7 @@ class DistillRun:
     def _teacher_key(self, spec: TeacherSpec, fine: torch.Tensor) -> dict[str, Any]:
         return {"model": self.fingerprint, "grid": grid_key(fine), "every": spec.points + 1,
                 "teacher": spec.as_dict(), "dtype": str(self.dtype), "shape": list(self.shape),
-                "prior_scale": self.prior_scale, "extra_args": sorted(self.extra_args)}
+                "prior_scale": self.prior_scale, "extra_args": _digest(self.extra_args)}
 
     def teacher_states(self, spec: TeacherSpec, seeds: SeedRange, x0: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher states (n, N-1, ...) for ``seeds``, from the cache when it holds them."""
@@ -135,7 +135,7 @@ class DistillRun:
         if hit is not None:
             return hit["states"].to(self.device)
         x0 = self.starts(seeds) if x0 is None else x0
-        batch = max(1, min(1024, (2 ** 22) // max(1, math.prod(self.shape))))
+        batch = max(1, min(256, (2 ** 22) // max(1, math.prod(self.shape))))
         states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch)
         self.teacher_evaluations += report.evaluations * seeds.count
         self.teacher_nfe = report.para_nfe
@@ -256,7 +256,8 @@ class DistillRun:
         if init_from is not None:
             warm_start(tables, init_from)
         student = Student(c.solver, self.sigmas, c.afs, c.plugin_order, c.rollout, c.bptt)
-        loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight)
+        loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight,
+                           sigmas=self.sigmas)
         trainer = Trainer(self.model, c, student, tables, loss, TrainData(x0, teacher, val_x0, val_teacher),
                           self.extra_args, checkpoint, checkpoint_every, self.progress, on_iteration,
                           run_key=f"{self.fingerprint}:{spec.points}")
@@ -357,6 +358,22 @@ def warm_start(tables: EPDTables, source: Any) -> None:
         if torch.any(r >= 1):
             raise ValueError("init_from: too many coinciding positions to separate")
     tables.load_natural_(r, lam, c, a)
+
+
+def _digest(extra_args: dict[str, Any]) -> str:
+    """A hash of the conditioning (tensors by value), for cache keys."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(extra_args):
+        v = extra_args[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()[:16]
 
 
 def _json_safe(v: Any) -> Any:
