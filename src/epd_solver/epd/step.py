@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import trange
 
-from ..denoisers import afs_direction, repeat_cond
-from ..sampling import call_model, check_sigmas
+from ..denoisers import repeat_cond
+from ..sampling import check_sigmas
+from ..solvers.common import evaluate, report
 
 __all__ = ["STRATEGIES", "AB_COEFFS", "MAX_PLUGIN_ORDER", "adams_bashforth", "branch_sigmas", "branch_gradients",
            "epd_step", "rollout", "amed_plugin_rollout", "check_plugin_order"]
@@ -140,20 +141,6 @@ def _check_rollout(x: Any, sigmas: Any, tables: Sequence[Any], strategy: str) ->
     return s, out
 
 
-def _base_direction(model, x, t_cur, extra_args, afs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d, denoised) at x: one evaluation, or the analytical first step d = x / sqrt(1 + t^2)."""
-    if afs:
-        d = afs_direction(model, x, float(t_cur))
-        return d, x - t_cur * d
-    denoised = call_model(model, x, t_cur, extra_args)
-    return (x - denoised) / t_cur, denoised
-
-
-def _report(callback, x, i, t_cur, denoised) -> None:
-    if callback is not None:
-        callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": denoised})
-
-
 def rollout(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, r: Any, lam: Any, c: Any, a: Any, *,
             afs: bool = False, plugin_order: int | None = None, extra_args: dict[str, Any] | None = None,
             strategy: str = "batched", return_states: bool = False, callback: Callable[[dict], Any] | None = None,
@@ -174,8 +161,8 @@ def rollout(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, r:
     states = []
     for i in trange(s.numel() - 1, disable=disable):
         t_cur, t_next = s[i], s[i + 1]
-        d, denoised = _base_direction(model, x, t_cur, extra_args, afs and i == 0)
-        _report(callback, x, i, t_cur, denoised)
+        denoised, d = evaluate(model, x, t_cur, extra_args, afs=afs and i == 0)
+        report(callback, x, i, t_cur, denoised)
         direction = d
         if plugin_order is not None:
             direction = adams_bashforth(d, history, plugin_order)
@@ -212,8 +199,8 @@ def amed_plugin_rollout(model: Callable[..., torch.Tensor], x: torch.Tensor, sig
     states = []
     for i in trange(s.numel() - 1, disable=disable):
         t_cur, t_next = s[i], s[i + 1]
-        d, denoised = _base_direction(model, x, t_cur, extra_args, afs and i == 0)
-        _report(callback, x, i, t_cur, denoised)
+        denoised, d = evaluate(model, x, t_cur, extra_args, afs=afs and i == 0)
+        report(callback, x, i, t_cur, denoised)
         ri, lam_i, ci, ai = (v.to(device=x.device, dtype=x.dtype) for v in (r[i], lam[i], c[i], a[i]))
         b = adams_bashforth(d, history, order)
         history = push(d)

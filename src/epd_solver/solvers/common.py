@@ -1,4 +1,4 @@
-"""Pieces shared by the baseline solvers: the first direction (AFS or a call), order schedules, thresholding."""
+"""Pieces shared by the solvers: the direction at a grid point (AFS or a call), order schedules, thresholding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ..denoisers import afs_direction
 from ..sampling import call_model
 
-__all__ = ["first_evaluation", "step_orders", "dynamic_threshold", "check_max_order", "to_d", "report"]
+__all__ = ["evaluate", "step_orders", "dynamic_threshold", "check_max_order", "to_d", "report"]
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -17,9 +17,10 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / sigma
 
 
-def first_evaluation(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor,
-                     extra_args: dict[str, Any], afs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(denoised, d) at the first grid point: a model call, or AFS d_0 = x/sqrt(1+sigma^2) and D_0 = x - sigma d_0."""
+def evaluate(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, extra_args: dict[str, Any],
+             afs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(denoised, d) at a grid point: a model call, or with ``afs`` (first step only) the analytical first
+    step d_0 = x/sqrt(1+sigma^2), D_0 = x - sigma d_0 (no call)."""
     if afs:
         d = afs_direction(model, x, float(sigma))
         return x - sigma * d, d

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import trange
 
 from ..sampling import call_model, register_sampler
-from .common import dynamic_threshold, first_evaluation, report, step_orders
+from .common import dynamic_threshold, evaluate, report, step_orders
 
 __all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m", "dpmpp_multistep", "THIRD_ORDER_FORMS"]
 
@@ -30,7 +30,7 @@ def dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, *, max_orde
     for i in trange(n_steps, disable=disable):
         s, t = sigmas[i], sigmas[i + 1]
         if i == 0:
-            denoised, _ = first_evaluation(model, x, s, extra_args, afs)
+            denoised, _ = evaluate(model, x, s, extra_args, afs)
         else:
             denoised = call_model(model, x, s, extra_args)
         if thresholding:

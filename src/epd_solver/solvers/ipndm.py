@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import trange
 
 from ..sampling import call_model, register_sampler
-from .common import check_max_order, first_evaluation, report, to_d
+from .common import check_max_order, evaluate, report, to_d
 
 __all__ = ["sample_ipndm", "ADAMS_BASHFORTH"]
 
@@ -32,11 +32,7 @@ def sample_ipndm(model, x, sigmas, extra_args, callback, disable, *, max_order=4
     hist: list[torch.Tensor] = []  # d at sigma_i, sigma_{i-1}, ...
     for i in trange(len(sigmas) - 1, disable=disable):
         s, t = sigmas[i], sigmas[i + 1]
-        if i == 0:
-            denoised, d = first_evaluation(model, x, s, extra_args, afs)
-        else:
-            denoised = call_model(model, x, s, extra_args)
-            d = to_d(x, s, denoised)
+        denoised, d = evaluate(model, x, s, extra_args, afs=afs and i == 0)
         report(callback, x, i, s, denoised)
         hist = [d] + hist[:max_order - 1]
         coeffs = ADAMS_BASHFORTH[min(max_order, i + 1)]

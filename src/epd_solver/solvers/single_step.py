@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import trange
 
 from ..sampling import call_model, register_sampler
-from .common import first_evaluation, report, to_d
+from .common import evaluate, report, to_d
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpm_2"]
 
@@ -17,11 +17,7 @@ def sample_euler(model, x, sigmas, extra_args, callback, disable, *, afs=False):
     """Euler in sigma = DDIM (eta = 0): x <- x + (t - s) d(x, s). N steps cost N NFE (N - 1 with AFS)."""
     for i in trange(len(sigmas) - 1, disable=disable):
         s, t = sigmas[i], sigmas[i + 1]
-        if i == 0:
-            denoised, d = first_evaluation(model, x, s, extra_args, afs)
-        else:
-            denoised = call_model(model, x, s, extra_args)
-            d = to_d(x, s, denoised)
+        denoised, d = evaluate(model, x, s, extra_args, afs=afs and i == 0)
         report(callback, x, i, s, denoised)
         x = x + (t - s) * d
     return x
@@ -37,11 +33,7 @@ def sample_heun(model, x, sigmas, extra_args, callback, disable, *, afs=False):
     """
     for i in trange(len(sigmas) - 1, disable=disable):
         s, t = sigmas[i], sigmas[i + 1]
-        if i == 0:
-            denoised, d = first_evaluation(model, x, s, extra_args, afs)
-        else:
-            denoised = call_model(model, x, s, extra_args)
-            d = to_d(x, s, denoised)
+        denoised, d = evaluate(model, x, s, extra_args, afs=afs and i == 0)
         report(callback, x, i, s, denoised)
         x_pred = x + (t - s) * d
         d_pred = to_d(x_pred, t, call_model(model, x_pred, t, extra_args))
@@ -63,11 +55,7 @@ def sample_dpm_2(model, x, sigmas, extra_args, callback, disable, *, afs=False, 
     w_mid = 1.0 / (2.0 * r)
     for i in trange(len(sigmas) - 1, disable=disable):
         s, t = sigmas[i], sigmas[i + 1]
-        if i == 0:
-            denoised, d = first_evaluation(model, x, s, extra_args, afs)
-        else:
-            denoised = call_model(model, x, s, extra_args)
-            d = to_d(x, s, denoised)
+        denoised, d = evaluate(model, x, s, extra_args, afs=afs and i == 0)
         report(callback, x, i, s, denoised)
         s_mid = s.log().lerp(t.log(), r).exp()
         u = x + (s_mid - s) * d

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import trange
 
 from ..sampling import call_model, register_sampler
-from .common import check_max_order, dynamic_threshold, first_evaluation, report, step_orders
+from .common import check_max_order, dynamic_threshold, evaluate, report, step_orders
 
 __all__ = ["sample_unipc", "unipc_coefficients"]
 
@@ -52,7 +52,7 @@ def sample_unipc(model, x, sigmas, extra_args, callback, disable, *, max_order=3
     def stored(denoised):
         return dynamic_threshold(denoised, threshold_ratio) if thresholding else denoised
 
-    denoised, _ = first_evaluation(model, x, sigmas[0], extra_args, afs)
+    denoised, _ = evaluate(model, x, sigmas[0], extra_args, afs)
     hist = [stored(denoised)]  # D at sigma_i, sigma_{i-1}, ...
     for i in trange(n_steps, disable=disable):
         s, t = sigmas[i], sigmas[i + 1]
