@@ -91,27 +91,6 @@ class DiscreteSampleDenoiser(DiscreteEpsDenoiser):
 _VP_DENOISERS = {"epsilon": DiscreteEpsDenoiser, "v_prediction": DiscreteVDenoiser, "sample": DiscreteSampleDenoiser}
 
 
-class _GuidedDenoiser(CFGDenoiser):
-    """:class:`CFGDenoiser` whose unconditional values may hold one row per sample: they are tiled to the
-    B*K rows of a branch call, branch-major like ``repeat_cond`` tiles the conditional ones."""
-
-    def denoise(self, x, sigma, **cond):
-        full = self.uncond
-        self.uncond = {key: _tile_rows(v, x.shape[0], key) for key, v in full.items()}
-        try:
-            return super().denoise(x, sigma, **cond)
-        finally:
-            self.uncond = full
-
-
-def _tile_rows(v: torch.Tensor, rows: int, key: str) -> torch.Tensor:
-    if v.ndim == 0 or v.shape[0] in (1, rows):
-        return v
-    if rows % v.shape[0]:
-        raise DiffusersModelError(f"unconditional {key!r} has {v.shape[0]} rows, which do not tile {rows} rows")
-    return v.repeat((rows // v.shape[0],) + (1,) * (v.ndim - 1))
-
-
 def _split(pipe_or_model: Any, scheduler: Any) -> tuple[torch.nn.Module, Any, Any]:
     """(model, scheduler, pipeline or None)."""
     if any(c.__name__ == "DiffusionPipeline" for c in type(pipe_or_model).__mro__):  # no pipelines import
@@ -331,7 +310,7 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
     if do_cfg and not uncond:
         raise DiffusersModelError(f"guidance_scale={guidance_scale} needs text conditioning with negative "
                                   f"embeddings; use guidance_scale=1 for this model")
-    denoiser = _GuidedDenoiser(base, guidance_scale, uncond) if do_cfg else base
+    denoiser = CFGDenoiser(base, guidance_scale, uncond) if do_cfg else base
     if cond:
         batch = next(iter(cond.values())).shape[0]
     else:
