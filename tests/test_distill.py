@@ -298,3 +298,10 @@ def test_package_name_and_function_both_call_distill(tmp_path):
     importlib.import_module("epd_solver.distill.train")  # binds the package to epd_solver.distill
     p = epd_solver.distill(GaussDenoiser(), "epd", 3, cache_dir=tmp_path, teacher_points=1, **TINY)
     assert isinstance(p, EPDParams) and p.k == 2
+
+
+def test_restarts_continue_from_the_best_start(tmp_path):
+    p = distill(GaussDenoiser(), "epd", 5, cache_dir=tmp_path, teacher_points=1, restarts=3, **TINY)
+    tried = p.meta["training"]["restarts"]
+    assert [t["start"] for t in tried] == [0, 1, 2]
+    assert p.meta["training"]["init_val_rmse"] == min(t["val_rmse"] for t in tried)

@@ -69,6 +69,7 @@ def add_parser(sub) -> None:
     g.add_argument("--lr-floor", type=float, help="Adam: cosine decay floor (absolute)")
     g.add_argument("--lbfgs-rounds", type=int)
     g.add_argument("--lbfgs-iterations", type=int)
+    g.add_argument("--restarts", type=int, help="starts tried (recipe init + randn draws), best by validation")
     g.add_argument("--loss", choices=["per_step", "final", "per_step+feature", "per_step_vp"])
     g.add_argument("--feature-extractor", help="module:function, a differentiable feature map for "
                    "loss per_step+feature")
@@ -112,7 +113,8 @@ def run(args) -> int:
                    scale_time=args.scale_time, teacher=args.teacher, teacher_points=points,
                    teacher_subgrid=args.teacher_subgrid, trajectories=args.trajectories, batch=args.batch,
                    epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, lr_floor=args.lr_floor,
-                   lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, loss=args.loss,
+                   lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, restarts=args.restarts,
+                   loss=args.loss,
                    feature_weight=args.feature_weight, rollout=args.rollout, bptt=args.bptt,
                    val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed)
     if args.rho is not None:

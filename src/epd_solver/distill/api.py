@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -251,16 +252,14 @@ class DistillRun:
         teacher = self.teacher_states(spec, self.train_seeds, x0)
         t_teacher = time.perf_counter() - t0
 
-        tables = EPDTables(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, c.init,
-                           c.seed, sigmas=self.sigmas)
-        if init_from is not None:
-            warm_start(tables, init_from)
         student = Student(c.solver, self.sigmas, c.afs, c.plugin_order, c.rollout, c.bptt)
         loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight,
                            sigmas=self.sigmas)
-        trainer = Trainer(self.model, c, student, tables, loss, TrainData(x0, teacher, val_x0, val_teacher),
-                          self.extra_args, checkpoint, checkpoint_every, self.progress, on_iteration,
-                          run_key=f"{self.fingerprint}:{spec.points}")
+        data = TrainData(x0, teacher, val_x0, val_teacher)
+        resuming = resume and checkpoint is not None and Path(checkpoint).exists()
+        tables, restarts = self.initial_tables(student, loss, data, init_from, skip=resuming)
+        trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, checkpoint, checkpoint_every,
+                          self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}")
         outcome = trainer.run(resume=resume)
         tables.load_raw_(outcome.best_raw)
         t_train = time.perf_counter() - t0 - t_teacher
@@ -274,7 +273,7 @@ class DistillRun:
             "loss": loss.describe(), "config": c.as_dict(), "dtype": str(self.dtype),
             "seeds": {"train": [self.train_seeds.start, self.train_seeds.count],
                       "validation": [self.val_seeds.start, self.val_seeds.count]},
-            "training": {"best_val_rmse": outcome.best_val, "best_iteration": outcome.best_iteration,
+            "training": {"restarts": restarts, "best_val_rmse": outcome.best_val, "best_iteration": outcome.best_iteration,
                          "init_val_rmse": outcome.init_val, "last_val_rmse": outcome.final_val,
                          "iterations": outcome.iterations, "nonfinite_skipped": outcome.nonfinite_skipped,
                          "history": outcome.history, "resumed_from": outcome.resumed_from},
@@ -287,6 +286,36 @@ class DistillRun:
             self.log(f"{outcome.nonfinite_skipped} update(s) skipped: non-finite loss or gradient")
         return EPDParams.from_tables(tables, sigmas=self.sigmas, afs=c.afs, plugin_order=student.plugin_order,
                                      solver=c.solver, **_json_safe(meta))
+
+    def initial_tables(self, student: Student, loss: DistillLoss, data: TrainData, init_from: Any = None,
+                       skip: bool = False) -> tuple[EPDTables, list[dict[str, Any]]]:
+        """The starting tables: ``init_from`` (a warm start), else the recipe's init; with ``restarts`` R > 1,
+        the best by validation of R starts (the recipe's init and R - 1 randn draws) after one short round
+        each (``lbfgs_iterations`` L-BFGS steps, or ``val_every`` Adam steps)."""
+        c = self.cfg
+
+        def make(init: str, seed: int) -> EPDTables:
+            t = EPDTables(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, init, seed,
+                          sigmas=self.sigmas)
+            if init_from is not None and seed == c.seed:
+                warm_start(t, init_from)
+            return t
+
+        if c.restarts == 1 or skip:
+            return make(c.init, c.seed), []
+        short = dataclasses.replace(c, lbfgs_rounds=1, epochs=1, restarts=1)
+        if c.optimizer == "adam":
+            short.trajectories = min(c.trajectories, c.val_every * c.batch)
+        tried = []
+        for j in range(c.restarts):
+            tables = make(c.init, c.seed) if j == 0 else make("randn", c.seed + j)
+            out = Trainer(self.model, short, student, tables, loss, data, self.extra_args, progress=False).run()
+            tables.load_raw_(out.best_raw)
+            tried.append((out.best_val, j, tables))
+            self.log(f"start {j} ({'recipe init' if j == 0 else f'randn seed {c.seed + j}'}): validation "
+                     f"{out.best_val:.4g} after one round")
+        best = min(tried, key=lambda t: (t[0], t[1]))
+        return best[2], [{"start": j, "val_rmse": v} for v, j, _ in tried]
 
     def compare(self, student: Student, tables: EPDTables, val_x0: torch.Tensor,
                 val_teacher: torch.Tensor) -> dict[str, Any]:

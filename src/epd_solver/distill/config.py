@@ -54,6 +54,7 @@ class DistillConfig:
     epochs: int = 1
     lbfgs_rounds: int = 4
     lbfgs_iterations: int = 15
+    restarts: int = 1
     val_trajectories: int = 128
     val_every: int = 50
     compare: bool = True
@@ -94,8 +95,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not 0 <= self.lr_floor <= self.lr:
             raise ValueError(f"lr_floor must lie in [0, lr], got {self.lr_floor}")
-        for name in ("trajectories", "batch", "epochs", "lbfgs_rounds", "lbfgs_iterations", "val_trajectories",
-                     "val_every"):
+        for name in ("trajectories", "batch", "epochs", "lbfgs_rounds", "lbfgs_iterations", "restarts",
+                     "val_trajectories", "val_every"):
             positive_int(name, getattr(self, name))
         positive_int("seed", self.seed, 0)
         if self.seed >= 100 or self.trajectories > 10_000_000:
