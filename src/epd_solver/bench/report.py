@@ -138,7 +138,8 @@ def markdown(result: dict[str, Any]) -> str:
         floor = ref.get(metric)
         out += [f"## {title}", "", metric_table(rows, nfes, metric), ""]
         if floor is not None and metric != "rmse":
-            out += [f"Reference end points themselves: {fmt(floor)} (the floor set by the sample count).", ""]
+            out += [f"Reference end points themselves: {fmt(floor)} (what the exact ODE solution reaches with this "
+                    "sample count; for a trained model this includes the model's own error).", ""]
     out += ["## Ordering at NFE 5 against the paper", ""] + _ordering_text(rows, 5) + [""]
     notes = [r for r in rows if r.get("note")]
     if notes:
