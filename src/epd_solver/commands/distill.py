@@ -70,6 +70,9 @@ def add_parser(sub) -> None:
     g.add_argument("--lbfgs-rounds", type=int)
     g.add_argument("--lbfgs-iterations", type=int)
     g.add_argument("--restarts", type=int, help="starts tried (recipe init + randn draws), best by validation")
+    g.add_argument("--progressive", dest="progressive", action="store_true", default=None,
+                   help="L-BFGS rounds on doubling subsets of the trajectories (all in the last round)")
+    g.add_argument("--no-progressive", dest="progressive", action="store_false")
     g.add_argument("--loss", choices=["per_step", "final", "per_step+feature", "per_step_vp"])
     g.add_argument("--feature-extractor", help="module:function, a differentiable feature map for "
                    "loss per_step+feature")
@@ -113,7 +116,7 @@ def run(args) -> int:
                    scale_time=args.scale_time, teacher=args.teacher, teacher_points=points,
                    teacher_subgrid=args.teacher_subgrid, trajectories=args.trajectories, batch=args.batch,
                    epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, lr_floor=args.lr_floor,
-                   lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, restarts=args.restarts,
+                   lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, restarts=args.restarts, progressive=args.progressive,
                    loss=args.loss,
                    feature_weight=args.feature_weight, rollout=args.rollout, bptt=args.bptt,
                    val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed)

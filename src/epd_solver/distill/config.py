@@ -55,6 +55,7 @@ class DistillConfig:
     lbfgs_rounds: int = 4
     lbfgs_iterations: int = 15
     restarts: int = 1
+    progressive: bool = False
     val_trajectories: int = 128
     val_every: int = 50
     compare: bool = True

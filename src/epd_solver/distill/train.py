@@ -184,14 +184,15 @@ class Trainer:
         for p in self.params:
             p.grad = None
 
-    def _full_loss(self, flat: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Mean loss over all training trajectories at ``flat`` and its gradient (accumulated per chunk)."""
+    def _full_loss(self, flat: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+        """Mean loss over the first ``n`` training trajectories at ``flat`` and its gradient (accumulated per
+        chunk)."""
         torch.nn.utils.vector_to_parameters(flat.to(self.params[0].dtype), self.params)
         self._zero_grad()
         total = 0.0
-        for start in range(0, self.n, self.cfg.batch):
-            idx = torch.arange(start, min(start + self.cfg.batch, self.n))
-            loss = self._batch_loss(idx) * (idx.numel() / self.n)
+        for start in range(0, n, self.cfg.batch):
+            idx = torch.arange(start, min(start + self.cfg.batch, n))
+            loss = self._batch_loss(idx) * (idx.numel() / n)
             if not torch.isfinite(loss):
                 raise FloatingPointError("non-finite loss")
             loss.backward()
@@ -201,9 +202,16 @@ class Trainer:
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
         return total, grad.to(torch.float64)
 
+    def _round_size(self, j: int) -> int:
+        """Trajectories used in L-BFGS round ``j``: all of them, or with ``progressive`` a doubling subset
+        ending with all in the last round (n/8, n/4, n/2, n for four rounds; at least one batch)."""
+        if not self.cfg.progressive:
+            return self.n
+        return max(min(self.n, self.cfg.batch), math.ceil(self.n / 2 ** (self.cfg.lbfgs_rounds - 1 - j)))
+
     def _run_lbfgs(self) -> None:
-        """Rounds of ``lbfgs_iterations`` L-BFGS steps on the full training set; the memory restarts every
-        round, so a checkpoint at a round boundary holds the whole state."""
+        """Rounds of ``lbfgs_iterations`` L-BFGS steps on the training set; the memory restarts every round,
+        so a checkpoint at a round boundary holds the whole state."""
         c = self.cfg
         with self._bar(c.iterations, "it") as bar:
             while self.iteration < c.iterations:
@@ -214,7 +222,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{self.running:.3e}", best=f"{self.best_val:.4g}", refresh=False)
 
                 try:
-                    result = lbfgs(self._full_loss, start, c.lbfgs_iterations, on_evaluation=seen)
+                    n = self._round_size(self.iteration // c.lbfgs_iterations)
+                    result = lbfgs(lambda flat: self._full_loss(flat, n), start, c.lbfgs_iterations,
+                                   on_evaluation=seen)
                     end = result.x
                 except FloatingPointError:
                     self.nonfinite += 1
