@@ -26,7 +26,7 @@ __all__ = ["distill", "DistillRun", "TRAIN_SEED_STRIDE", "CONVERGENCE_SUBSET"]
 
 TRAIN_SEED_STRIDE = 10_000_000   # training seeds of run seed s: s * stride + j
 CONVERGENCE_SUBSET = 64          # validation trajectories used to check (or choose) the teacher refinement
-EXACT_RTOL = 1e-7  # validation reference: its error (~1e-7) is far below any solver error compared
+EXACT_RTOL = 1e-6  # validation reference: its error (~3e-7 RMSE) is far below any solver error compared
 
 
 def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,

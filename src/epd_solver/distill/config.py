@@ -149,7 +149,7 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
     return dict(schedule="time_uniform", schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
                 init="deterministic", scale_dir=0.05, scale_time=0.05, teacher="dpm_2", teacher_points=AUTO,
                 teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
-                lr_floor=0.0, trajectories=256, batch=128, lbfgs_rounds=4, lbfgs_iterations=15,
+                lr_floor=0.0, trajectories=512, batch=128, lbfgs_rounds=4, lbfgs_iterations=15, progressive=True,
                 plugin_order=3 if solver == "epd_plugin" else (4 if solver == "amed_plugin" else None))
 
 

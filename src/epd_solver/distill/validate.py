@@ -131,7 +131,7 @@ def is_exact_problem(model: Any) -> bool:
 
 
 def exact_reference(model: Callable[..., torch.Tensor], x0: torch.Tensor, sigma_max: float, sigma_min: float,
-                    rtol: float = 1e-8, chunk: int = 64) -> torch.Tensor:
+                    rtol: float = 1e-8, chunk: int = 128) -> torch.Tensor:
     """The probability-flow ODE end point at sigma_min (scipy DOP853; float64)."""
     from ..problems import exact_endpoint
 
