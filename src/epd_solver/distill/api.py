@@ -227,7 +227,6 @@ class DistillRun:
     # -- the run ------------------------------------------------------------------------------------------
     def run(self, checkpoint=None, checkpoint_every: int = 50, resume: bool = False, init_from: Any = None,
             on_iteration=None) -> EPDParams:
-        c = self.cfg
         t0 = time.perf_counter()
         if checkpoint is not None and not resume and Path(checkpoint).exists():
             raise FileExistsError(f"checkpoint {checkpoint} exists: pass resume=True (--resume) to continue it")
@@ -270,6 +269,7 @@ class DistillRun:
             "schedule": c.schedule, "schedule_kwargs": c.schedule_kwargs, "model_id": self.model_id,
             "model_kind": getattr(self.model, "kind", "callable"), "recipe": c.recipe,
             "teacher": spec.as_dict(), "teacher_nfe": self.teacher_nfe_of(spec), "teacher_convergence": conv,
+            "teacher_total_nfe": self.teacher_nfe_of(spec) * (c.trajectories + c.val_trajectories),
             "loss": loss.describe(), "config": c.as_dict(), "dtype": str(self.dtype),
             "seeds": {"train": [self.train_seeds.start, self.train_seeds.count],
                       "validation": [self.val_seeds.start, self.val_seeds.count]},

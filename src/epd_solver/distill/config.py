@@ -137,7 +137,7 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
                     trajectories=10000, batch=16 if plugin else 32, epochs=1,
                     plugin_order=3 if solver == "epd_plugin" else None)
     if recipe == "amed":  # AMED's recipe (BASELINES.md §1.7-1.8), a per-step table instead of its network
-        base = dict(afs=True, k=1, parameterization="official", init="deterministic", scale_dir=0.01,
+        base = dict(afs=True, parameterization="official", init="deterministic", scale_dir=0.01,
                     scale_time=0.0, teacher="heun", teacher_subgrid="schedule", loss="per_step",
                     optimizer="adam", lr=5e-3, lr_floor=0.0, trajectories=10000, batch=128, epochs=1)
         if plugin:
