@@ -16,6 +16,7 @@ from pathlib import Path
 
 from epd_solver.distill import default_cache_dir, distill
 from epd_solver.distill.api import report_line
+from epd_solver.epd import EPDParams
 from epd_solver.resolve import load_model
 
 PARAMS_DIR = Path(__file__).resolve().parents[1] / "src" / "epd_solver" / "data" / "params"
@@ -36,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(PARAMS_DIR))
     ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--force", action="store_true", help="replace existing files")
+    ap.add_argument("--from-bench", action="store_true",
+                    help="take tables that benchmarks/distill_recipes.py already distilled with the same recipe and "
+                         "seeds (kept in CACHE/bench_params) instead of distilling again")
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,8 +53,12 @@ def main(argv=None) -> int:
                     print(f"skip {path.name} (exists)", file=sys.stderr)
                     continue
                 t = time.perf_counter()
-                params = distill(model, solver, nfe, recipe=RECIPE[solver], cache_dir=args.cache_dir,
-                                 **MODEL_OPTIONS.get(name, {}))
+                done = Path(args.cache_dir) / "bench_params" / path.name
+                if args.from_bench and done.exists() and name not in MODEL_OPTIONS:
+                    params = EPDParams.load(done)
+                else:
+                    params = distill(model, solver, nfe, recipe=RECIPE[solver], cache_dir=args.cache_dir,
+                                     **MODEL_OPTIONS.get(name, {}))
                 params.save(path, overwrite=args.force)
                 v = params.meta.get("validation")
                 print(f"{path.name}: {time.perf_counter() - t:.0f} s; " + (report_line(v) if v else ""), flush=True)
