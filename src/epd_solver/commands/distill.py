@@ -6,7 +6,6 @@ solver at the same Para.NFE on the held-out noises (nothing written unless ``--a
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -32,14 +31,14 @@ def add_parser(sub) -> None:
         "distill", help="distil a learned solver (EPD, EPD-Plugin, AMED, AMED-Plugin) for a model",
         description="Distil the per-step table of a learned solver from a teacher on a refined grid, keep the "
                     "best table by held-out validation and compare it with the best training-free solver at the "
-                    "same Para.NFE. Exit status 3 when it is not better (use --allow-worse to write it anyway).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | module:function | "
-                   "diffusers:PATH")
+                    "same Para.NFE. Exit status 3 when it is not better (use --allow-worse to write it anyway). "
+                    "Options left out take the recipe's value.")
+    p.add_argument("--model", default="digits", help="digits (default) | gmm:digits | gmm:synthetic | "
+                   "module:function | diffusers:PATH")
     p.add_argument("--solver", default="epd", choices=["epd", "epd_plugin", "amed", "amed_plugin"])
-    p.add_argument("--nfe", type=int, default=5, help="Para.NFE (sequential rounds)")
+    p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
-                   help="named defaults; the options below override single settings")
+                   help="named defaults (default: default); the options below override single settings")
     p.add_argument("--out", required=True, help="parameter file to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--allow-worse", action="store_true",
@@ -86,7 +85,8 @@ def add_parser(sub) -> None:
     g.add_argument("--cache-dir", help="teacher/reference cache (default $EPD_SOLVER_CACHE or ~/.cache/epd-solver)")
     g.add_argument("--no-cache", action="store_true")
     g.add_argument("--checkpoint", help="checkpoint file (default: OUT.ckpt)")
-    g.add_argument("--checkpoint-every", type=int, default=50, help="iterations between checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="Adam iterations between checkpoints "
+                   "(default 50; L-BFGS checkpoints after every round)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
