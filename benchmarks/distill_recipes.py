@@ -108,7 +108,7 @@ class Bench:
         solver, recipe, overrides, _ = VARIANTS[variant]
         key = {"problem": problem, "variant": variant, "nfe": nfe, "model": model_fingerprint(model),
                "solver": solver, "recipe": recipe, "overrides": overrides, "seeds": [seeds.start, seeds.count],
-               "version": 3}
+               "version": 4}
         hit = None if refresh else self.cache.load_json("bench_cells", key)
         if hit is not None:
             return hit
