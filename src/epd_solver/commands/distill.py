@@ -2,6 +2,9 @@
 
 Exit status: 0 written; 2 bad input; 3 the distilled solver is not better than the best training-free
 solver at the same Para.NFE on the held-out noises (nothing written unless ``--allow-worse``).
+
+Under torchrun (``torchrun --nproc-per-node 2 --no-python epd distill ...``) the training trajectories are split
+across the processes and the gradients all-reduced (data parallel); rank 0 prints and writes the file.
 """
 
 from __future__ import annotations
@@ -93,6 +96,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from .. import distributed as dist_utils
+
+    dist_utils.init(device="cpu")
+    try:
+        return _run(args, dist_utils.is_main())
+    finally:
+        dist_utils.cleanup()
+
+
+def _run(args, main: bool) -> int:
+    from .. import distributed as dist_utils
     from ..distill import distill
 
     out = Path(args.out)
@@ -125,18 +139,24 @@ def run(args) -> int:
     feature = _module_function(args.feature_extractor) if args.feature_extractor else None
 
     def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        if main:
+            print(msg, file=sys.stderr, flush=True)
 
     params = distill(args.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
                      cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
                      resume=args.resume, init_from=args.init_from, feature=feature, progress=not args.quiet,
                      log=log, **options)
+    if not main:  # every rank holds the same parameters; rank 0 reports and writes
+        v = params.meta.get("validation") or {}
+        return WORSE_STATUS if v and not v["better"] and not args.allow_worse else 0
+    world = dist_utils.world_size()
     v = params.meta.get("validation") or {}
     t = params.meta["timing"]
     nfe = params.nfe()
     print(f"{params.solver} K={params.k} Para.NFE {nfe['para_nfe']} ({nfe['evaluations']} evaluations per sample), "
           f"teacher {params.meta['teacher']['solver']} M={params.meta['teacher']['points']} "
-          f"({params.meta['teacher_nfe']} NFE), {t['total_s']:.1f} s (teacher {t['teacher_s']:.1f} s)")
+          f"({params.meta['teacher_nfe']} NFE), {t['total_s']:.1f} s (teacher {t['teacher_s']:.1f} s)"
+          + (f", data parallel over {world} processes" if world > 1 else ""))
     if v:
         from ..distill.api import report_line
 

@@ -36,7 +36,8 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
             cache: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
             resume: bool = False, init_from: Any = None, feature: Callable[[torch.Tensor], torch.Tensor] | None = None,
             progress: bool = False, log: Callable[[str], None] | None = None,
-            on_iteration: Callable[[int, dict[str, float]], None] | None = None, **options: Any) -> EPDParams:
+            on_iteration: Callable[[int, dict[str, float]], None] | None = None, data_parallel: bool | None = None,
+            **options: Any) -> EPDParams:
     """Distil a learned solver's tables for ``model`` at Para.NFE ``nfe`` and return its :class:`EPDParams`.
 
     ``model``: a denoiser (or a name for ``epd_solver.resolve.load_model``), or any callable
@@ -49,10 +50,16 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
     teacher convergence check, the validation history and ``meta["validation"]``, which compares the
     distilled solver with the best training-free solver at the same Para.NFE on held-out noises
     (``better``: True/False).
+
+    ``data_parallel`` (default: on when a torch.distributed group of several processes exists, e.g. under
+    torchrun): every rank computes the teacher for its contiguous share of the training trajectories (seeds by
+    global index) and the gradients are all-reduced, so all ranks return the parameters one process would
+    with the same total batch. Call it on every rank with the same arguments.
     """
     return DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
                       model_id=model_id, extra_args=extra_args, dtype=dtype, device=device, cache_dir=cache_dir,
-                      cache=cache, feature=feature, progress=progress, log=log, **options).run(
+                      cache=cache, feature=feature, progress=progress, log=log, data_parallel=data_parallel,
+                      **options).run(
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
         on_iteration=on_iteration)
 
@@ -76,7 +83,8 @@ class DistillRun:
 
     def __init__(self, model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,
                  sigma_min=None, sigma_max=None, model_id=None, extra_args=None, dtype=None, device=None,
-                 cache_dir=None, cache: bool = True, feature=None, progress: bool = False, log=None, **options):
+                 cache_dir=None, cache: bool = True, feature=None, progress: bool = False, log=None,
+                 data_parallel: bool | None = None, **options):
         if isinstance(model, str):
             from ..resolve import load_model
 
@@ -118,6 +126,19 @@ class DistillRun:
         self.sigmas = get_sigmas(c.schedule, c.n_points, self.sigma_min, self.sigma_max, **c.schedule_kwargs)
         self.train_seeds = SeedRange(c.seed * TRAIN_SEED_STRIDE, c.trajectories)
         self.val_seeds = SeedRange(VALIDATION_SEED_BASE, c.val_trajectories)
+        from .. import distributed as dist_utils
+
+        world = dist_utils.world_size()
+        self.data_parallel = world > 1 if data_parallel is None else bool(data_parallel)
+        if self.data_parallel and world < 2:
+            raise ValueError("data_parallel=True needs a torch.distributed group of several processes (torchrun)")
+        if self.data_parallel and c.trajectories < world:
+            raise ValueError(f"{c.trajectories} training trajectories cannot be shared by {world} processes")
+        if not self.data_parallel:
+            world = 1
+        sizes = dist_utils.row_split(c.trajectories, world)
+        me = dist_utils.rank() if self.data_parallel else 0
+        self.shard = (sum(sizes[:me]), sum(sizes[:me + 1]))  # this rank's training trajectories (global indices)
 
     # -- data ---------------------------------------------------------------------------------------------
     def starts(self, seeds: SeedRange) -> torch.Tensor:
@@ -247,18 +268,28 @@ class DistillRun:
                  f"{conv['final_rmse']:.3g} RMSE (best training-free on the subset: {conv['best_baseline_rmse']:.3g})"
                  + ("" if conv["converged"] else "  [NOT converged: the teacher's error limits the student]"))
         val_teacher = self.teacher_states(spec, self.val_seeds, val_x0)
-        x0 = self.starts(self.train_seeds)
-        teacher = self.teacher_states(spec, self.train_seeds, x0)
+        lo, hi = self.shard
+        own = SeedRange(self.train_seeds.start + lo, hi - lo)
+        x0 = self.starts(own)
+        before = self.teacher_evaluations
+        teacher = self.teacher_states(spec, own, x0)
+        if self.data_parallel:  # the training shards summed; the (replicated) validation teacher counted once
+            import torch.distributed as dist
+
+            box = torch.tensor([self.teacher_evaluations - before], dtype=torch.float64)
+            dist.all_reduce(box)
+            self.teacher_evaluations = before + float(box)
         t_teacher = time.perf_counter() - t0
 
         student = Student(c.solver, self.sigmas, c.afs, c.plugin_order, c.rollout, c.bptt)
         loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight,
                            sigmas=self.sigmas)
-        data = TrainData(x0, teacher, val_x0, val_teacher)
+        data = TrainData(x0, teacher, val_x0, val_teacher, offset=lo, total=c.trajectories)
         resuming = resume and checkpoint is not None and Path(checkpoint).exists()
         tables, restarts = self.initial_tables(student, loss, data, init_from, skip=resuming)
         trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, checkpoint, checkpoint_every,
-                          self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}")
+                          self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}",
+                          data_parallel=self.data_parallel)
         outcome = trainer.run(resume=resume)
         tables.load_raw_(outcome.best_raw)
         t_train = time.perf_counter() - t0 - t_teacher
@@ -271,6 +302,7 @@ class DistillRun:
             "teacher": spec.as_dict(), "teacher_nfe": self.teacher_nfe_of(spec), "teacher_convergence": conv,
             "teacher_total_nfe": self.teacher_nfe_of(spec) * (c.trajectories + c.val_trajectories),
             "loss": loss.describe(), "config": c.as_dict(), "dtype": str(self.dtype),
+            "data_parallel": {"processes": dist_world(self.data_parallel)},
             "seeds": {"train": [self.train_seeds.start, self.train_seeds.count],
                       "validation": [self.val_seeds.start, self.val_seeds.count]},
             "training": {"restarts": restarts, "best_val_rmse": outcome.best_val, "best_iteration": outcome.best_iteration,
@@ -309,7 +341,8 @@ class DistillRun:
         tried = []
         for j in range(c.restarts):
             tables = make(c.init, c.seed) if j == 0 else make("randn", c.seed + j)
-            out = Trainer(self.model, short, student, tables, loss, data, self.extra_args, progress=False).run()
+            out = Trainer(self.model, short, student, tables, loss, data, self.extra_args, progress=False,
+                          data_parallel=self.data_parallel).run()
             tables.load_raw_(out.best_raw)
             tried.append((out.best_val, j, tables))
             self.log(f"start {j} ({'recipe init' if j == 0 else f'randn seed {c.seed + j}'}): validation "
@@ -347,6 +380,12 @@ class DistillRun:
         spec = self.teacher_spec
         fine = teacher_grid(self.sigmas, spec, self.cfg.schedule, self.cfg.schedule_kwargs)
         return json.dumps(self._teacher_key(spec, fine), sort_keys=True)
+
+
+def dist_world(data_parallel: bool) -> int:
+    from .. import distributed as dist_utils
+
+    return dist_utils.world_size() if data_parallel else 1
 
 
 def report_line(v: dict[str, Any]) -> str:

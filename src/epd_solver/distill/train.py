@@ -6,6 +6,12 @@ end point) is measured at the start and periodically, the best tables by validat
 last), and checkpoints (safetensors + JSON state) make a killed run resumable to the same result.
 Batches depend only on (seed, iteration), the learning rate only on the iteration, so a resumed run
 repeats exactly what the uninterrupted one would have done.
+
+Data parallel (``data_parallel=True`` under torch.distributed): each rank holds a contiguous shard of the
+training trajectories (``TrainData.offset``/``total``), computes the loss of its part of every global batch
+weighted by its share, and one all_reduce per loss evaluation sums the gradients and the loss, so every rank
+takes the same update as one process with the whole batch (up to the order of the floating-point sums).
+The validation set is replicated; rank 0 alone writes checkpoints and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -32,6 +38,18 @@ from .validate import rmse
 __all__ = ["TrainData", "TrainOutcome", "Trainer", "CheckpointError", "config_hash"]
 
 CHECKPOINT_FORMAT = "epd-distill-checkpoint"
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 # fields that do not change the trained tables (a run may be resumed with other values)
 _UNTRAINED_FIELDS = {"compare", "exact_check"}
 
@@ -46,6 +64,8 @@ class TrainData:
     teacher: torch.Tensor     # (n, N-1, ...) teacher states on the student grid
     val_x0: torch.Tensor
     val_teacher: torch.Tensor
+    offset: int = 0              # global index of x0[0] (data-parallel shard)
+    total: int | None = None     # global number of training trajectories (None: all are here)
 
 
 @dataclasses.dataclass
@@ -72,7 +92,8 @@ class Trainer:
     def __init__(self, model: Callable[..., torch.Tensor], cfg: DistillConfig, student: Student, tables: EPDTables,
                  loss: DistillLoss, data: TrainData, extra_args: dict[str, Any] | None = None,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50, progress: bool = True,
-                 on_iteration: Callable[[int, dict[str, float]], None] | None = None, run_key: str = ""):
+                 on_iteration: Callable[[int, dict[str, float]], None] | None = None, run_key: str = "",
+                 data_parallel: bool = False):
         self.model, self.cfg, self.student, self.tables, self.loss = model, cfg, student, tables, loss
         self.data, self.extra_args = data, extra_args
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -80,7 +101,14 @@ class Trainer:
         self.progress, self.on_iteration = progress, on_iteration
         self.key = f"{config_hash(cfg)}:{run_key}"
         self.params = [p for p in tables.parameters() if p.requires_grad]
-        self.n = data.x0.shape[0]
+        self.n = data.total if data.total is not None else data.x0.shape[0]
+        self.lo, self.hi = data.offset, data.offset + data.x0.shape[0]
+        if not 0 <= self.lo <= self.hi <= self.n:
+            raise ValueError(f"training shard [{self.lo}, {self.hi}) outside the {self.n} trajectories")
+        self.data_parallel = bool(data_parallel) and _world() > 1
+        if not self.data_parallel and (self.lo, self.hi) != (0, self.n):
+            raise ValueError("a shard of the training trajectories needs data_parallel=True in a process group")
+        self.main = _rank() == 0 if self.data_parallel else True
         # state
         self.iteration = 0
         self.best_raw = tables.raw()
@@ -109,6 +137,33 @@ class Trainer:
         x0, teacher = self.data.x0[idx], self.data.teacher[idx]
         states = self.student.states(self.model, self.tables, x0, teacher, self.extra_args)
         return self.loss(states, teacher)
+
+    def _share_backward(self, idx: torch.Tensor, denominator: int) -> float:
+        """Backward of this rank's part of the global trajectories ``idx``, weighted by its share of
+        ``denominator``; returns its loss (0 when none of them is here)."""
+        local = idx[(idx >= self.lo) & (idx < self.hi)] - self.lo
+        if local.numel() == 0:
+            return 0.0
+        loss = self._batch_loss(local)
+        if local.numel() != denominator:
+            loss = loss * (local.numel() / denominator)
+        loss.backward()
+        return float(loss.detach())
+
+    def _sync(self, loss: float) -> float:
+        """Data parallel: sum gradients and loss over the ranks (one all_reduce); identity otherwise."""
+        if not self.data_parallel:
+            return loss
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [torch.tensor([loss], dtype=torch.float64)])
+        dist.all_reduce(flat)
+        pos = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[pos:pos + g.numel()].reshape(g.shape).to(p.dtype)
+            pos += g.numel()
+        return float(flat[-1])
 
     def _grads_finite(self) -> bool:
         return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
@@ -145,7 +200,7 @@ class Trainer:
                             self.iteration, self.nonfinite, list(self.history), resumed_from)
 
     def _bar(self, total: int, unit: str):
-        return tqdm(total=total, initial=self.iteration, disable=not self.progress, desc=f"distill {self.cfg.solver} "
+        return tqdm(total=total, initial=self.iteration, disable=not (self.progress and self.main), desc=f"distill {self.cfg.solver} "
                     f"NFE {self.cfg.nfe}", unit=unit, dynamic_ncols=True, leave=False)
 
     def _postfix(self, bar) -> None:
@@ -162,17 +217,17 @@ class Trainer:
             while self.iteration < total:
                 it = self.iteration
                 self._zero_grad()
-                loss = self._batch_loss(self._batch_indices(it))
-                loss.backward()
-                if torch.isfinite(loss) and self._grads_finite():
+                idx = self._batch_indices(it)
+                loss = self._sync(self._share_backward(idx, idx.numel()))
+                if math.isfinite(loss) and self._grads_finite():
                     opt.step(self._lr(it))
-                    self._note(float(loss.detach()))
+                    self._note(loss)
                 else:
                     self.nonfinite += 1
                 self.iteration = it + 1
                 if self.iteration % c.val_every == 0 or self.iteration == total:
                     self._record_validation()
-                if self.checkpoint is not None and (self.iteration % self.checkpoint_every == 0
+                if self.checkpoint is not None and self.main and (self.iteration % self.checkpoint_every == 0
                                                     or self.iteration == total):
                     self._save_checkpoint(opt.state())
                 self._postfix(bar)
@@ -190,13 +245,11 @@ class Trainer:
         torch.nn.utils.vector_to_parameters(flat.to(self.params[0].dtype), self.params)
         self._zero_grad()
         total = 0.0
-        for start in range(0, n, self.cfg.batch):
-            idx = torch.arange(start, min(start + self.cfg.batch, n))
-            loss = self._batch_loss(idx) * (idx.numel() / n)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("non-finite loss")
-            loss.backward()
-            total += float(loss.detach())
+        for start in range(max(0, self.lo - self.lo % self.cfg.batch), min(n, self.hi), self.cfg.batch):
+            total += self._share_backward(torch.arange(start, min(start + self.cfg.batch, n)), n)
+        total = self._sync(total)
+        if not math.isfinite(total):
+            raise FloatingPointError("non-finite loss")
         if not self._grads_finite():
             raise FloatingPointError("non-finite gradient")
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
@@ -234,7 +287,7 @@ class Trainer:
                 self._zero_grad()
                 self.iteration += c.lbfgs_iterations
                 self._record_validation()
-                if self.checkpoint is not None:
+                if self.checkpoint is not None and self.main:
                     self._save_checkpoint(None)
                 self._postfix(bar)
                 bar.update(c.lbfgs_iterations)
