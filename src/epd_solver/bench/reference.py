@@ -30,9 +30,10 @@ EXACT_TOL, EXACT_CHUNK = 1e-9, 64  # vs 1e-12: RMSE < 1e-9 on gmm:digits; chunks
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("EPD_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "epd-solver")
-    return Path(root) / "bench"
+    """``bench/`` under the library's cache root (``$EPD_SOLVER_CACHE``, see ``distill.cache``)."""
+    from ..distill.cache import default_cache_dir as root
+
+    return root() / "bench"
 
 
 def start_noise(model: Any, samples: int, seed: int) -> torch.Tensor:

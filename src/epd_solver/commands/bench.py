@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
                    help="solver of the reference for models without an exact solution (default unipc)")
     p.add_argument("--ref-steps", type=int, default=128, help="steps of that reference solve (default 128)")
     p.add_argument("--cache-dir", default=None, help="where reference solves are cached (default "
-                   "$EPD_CACHE_DIR or ~/.cache/epd-solver/bench; '' disables)")
+                   "$EPD_SOLVER_CACHE/bench or ~/.cache/epd-solver/bench; '' disables)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -3,7 +3,7 @@
 An entry is identified by a JSON key (model fingerprint, grid, teacher spec, dtype, ...) hashed into a
 directory name; inside, tensors are stored per seed range (``seeds-<start>-<count>.safetensors``) and any
 stored range that covers a request serves it. Writes are atomic (temporary file + ``os.replace``).
-Location: ``cache_dir`` argument, else ``$EPD_SOLVER_CACHE``, else ``~/.cache/epd-solver``.
+Location: ``cache_dir`` argument, else :func:`default_cache_dir`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,12 @@ _RANGE_FILE = re.compile(r"^seeds-(\d+)-(\d+)\.safetensors$")
 
 
 def default_cache_dir() -> Path:
+    """``$EPD_SOLVER_CACHE``, else ``$XDG_CACHE_HOME/epd-solver``, else ``~/.cache/epd-solver`` (the one cache
+    root of the library: distillation at the top, bench references under ``bench/``)."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "epd-solver"
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "epd-solver"
 
 
 def _tensors_of(obj: Any, prefix: str, depth: int, out: dict[str, torch.Tensor]) -> None:
