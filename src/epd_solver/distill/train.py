@@ -38,6 +38,8 @@ from .validate import rmse
 __all__ = ["TrainData", "TrainOutcome", "Trainer", "CheckpointError", "config_hash"]
 
 CHECKPOINT_FORMAT = "epd-distill-checkpoint"
+
+
 def _world() -> int:
     import torch.distributed as dist
 
@@ -157,7 +159,8 @@ class Trainer:
         import torch.distributed as dist
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [torch.tensor([loss], dtype=torch.float64)])
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads]
+                         + [torch.tensor([loss], dtype=torch.float64)])
         dist.all_reduce(flat)
         pos = 0
         for p, g in zip(self.params, grads):
@@ -200,8 +203,8 @@ class Trainer:
                             self.iteration, self.nonfinite, list(self.history), resumed_from)
 
     def _bar(self, total: int, unit: str):
-        return tqdm(total=total, initial=self.iteration, disable=not (self.progress and self.main), desc=f"distill {self.cfg.solver} "
-                    f"NFE {self.cfg.nfe}", unit=unit, dynamic_ncols=True, leave=False)
+        return tqdm(total=total, initial=self.iteration, disable=not (self.progress and self.main),
+                    desc=f"distill {self.cfg.solver} NFE {self.cfg.nfe}", unit=unit, dynamic_ncols=True, leave=False)
 
     def _postfix(self, bar) -> None:
         bar.set_postfix(loss=f"{self.running:.3e}", val=f"{self.history[-1]['val_rmse']:.4g}",

@@ -118,7 +118,11 @@ class GaussianMixture(Denoiser):
         resp = torch.softmax(logp, dim=1)                                      # (B,K)
         shrink = self.eigvals[None] / lam                                      # lam_k / (lam_k + s^2)
         # E[x0 | x, k] = mu_k + Q_k (shrink - rho) Q_k^T (x - mu_k) + rho (x - mu_k), rho = iso/(iso + s^2)
-        rho = (self.iso[None] / (self.iso[None] + s2)) if not self.full_rank else torch.zeros_like(resp)
+        if self.full_rank:  # rho = 0
+            coef = resp[..., None] * shrink * proj                             # (B,K,r)
+            out = coef.reshape(xf.shape[0], -1) @ q_all.T + resp @ self.means
+            return out.reshape(x.shape).to(x.dtype)
+        rho = self.iso[None] / (self.iso[None] + s2)
         coef = resp[..., None] * (shrink - rho[..., None]) * proj              # (B,K,r)
         out = coef.reshape(xf.shape[0], -1) @ q_all.T
         out = out + (resp * (1 - rho)) @ self.means + (resp * rho).sum(-1, keepdim=True) * xf
