@@ -289,3 +289,18 @@ def test_cfg_tiles_per_sample_uncond_for_branch_rows():
     cond = denoisers.repeat_cond({"emb": torch.tensor([[1.0], [2.0]])}, 2, 2)
     out = d(torch.zeros(4, 1), torch.ones(4), **cond)
     np.testing.assert_allclose(out[:, 0].numpy(), [10 + 2 * (1 - 10), 20 + 2 * (2 - 20)] * 2)
+
+
+def test_module_function_names_resolve_with_named_errors():
+    from epd_solver.resolve import import_callable, load_model
+
+    gm = load_model("epd_solver.problems:digits_mixture")  # a factory returning a denoiser
+    assert gm.dim == 64 and gm.name == "gmm:digits"
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
+        load_model("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        import_callable("epd_solver.problems:nope", "--features")
+    with pytest.raises(ValueError, match="'PROBLEMS' is not callable"):
+        import_callable("epd_solver.problems:PROBLEMS", "--feature-extractor")
+    with pytest.raises(ValueError, match="--features must be module:function"):
+        import_callable("epd_solver.problems", "--features")

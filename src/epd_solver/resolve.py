@@ -10,9 +10,27 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["load_model", "DEFAULT_MODEL", "sample_shape"]
+__all__ = ["load_model", "DEFAULT_MODEL", "sample_shape", "import_callable"]
 
 DEFAULT_MODEL = "digits"
+
+
+def import_callable(spec: str, what: str) -> Any:
+    """The callable named by ``module:function`` (``what`` names the option in error messages)."""
+    module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not module_name or not attr:
+        raise ValueError(f"{what} must be module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({e})") from None
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise ValueError(f"{what} {spec!r}: {attr!r} is not callable")
+    return fn
 
 
 def load_model(name: str = DEFAULT_MODEL) -> Any:
@@ -32,17 +50,7 @@ def load_model(name: str = DEFAULT_MODEL) -> Any:
 
         return load_diffusers_model(name.split(":", 1)[1])
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e})") from None
-        try:
-            factory = getattr(module, attr)
-        except AttributeError:
-            raise ValueError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}") from None
-        if not callable(factory):
-            raise ValueError(f"model {name!r}: {attr!r} must be a function returning a denoiser")
+        factory = import_callable(name, "model")
         model = factory()
         if not callable(model):
             raise ValueError(f"model {name!r} did not give a callable denoiser")

@@ -8,7 +8,6 @@ mixture samples or the digits). FID needs a local TorchScript Inception file (``
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Callable
 
@@ -56,13 +55,9 @@ def model_data(model: Any, n: int) -> torch.Tensor | None:
 
 def load_feature_extractor(spec: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """``module:function`` returning a callable samples -> (n, d) features."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--features must be module:function, got {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ModuleNotFoundError, AttributeError) as e:
-        raise ValueError(f"--features {spec!r}: {e}") from None
+    from ..resolve import import_callable
+
+    factory = import_callable(spec, "--features")
     extractor = factory()
     if not callable(extractor):
         raise ValueError(f"--features {spec!r} did not return a callable")

@@ -9,24 +9,10 @@ across the processes and the gradients all-reduced (data parallel); rank 0 print
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 WORSE_STATUS = 3
-
-
-def _module_function(spec: str):
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"--feature-extractor must be module:function, got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--feature-extractor {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"--feature-extractor {spec!r} is not callable")
-    return fn
 
 
 def add_parser(sub) -> None:
@@ -136,7 +122,9 @@ def _run(args, main: bool) -> int:
                    val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed)
     if args.rho is not None:
         options["schedule_kwargs"] = {"rho": args.rho}
-    feature = _module_function(args.feature_extractor) if args.feature_extractor else None
+    from ..resolve import import_callable
+
+    feature = import_callable(args.feature_extractor, "--feature-extractor") if args.feature_extractor else None
 
     def log(msg: str) -> None:
         if main:
