@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "grid-polynomial": ("epd", "default", {"schedule": "polynomial", "schedule_kwargs": {"rho": 7.0}},
                         "default on the polynomial rho = 7 grid"),
     "grid-logsnr": ("epd", "default", {"schedule": "logsnr"}, "default on the logSNR grid"),
+    "grid-poly3": ("epd", "default", {"schedule": "polynomial", "schedule_kwargs": {"rho": 3.0}},
+                   "default on the polynomial rho = 3 grid"),
     "traj-128": ("epd", "default", {"trajectories": 128}, "default with 128 trajectories"),
     "traj-256": ("epd", "default", {"trajectories": 256}, "default with 256 trajectories"),
     "full-rounds": ("epd", "default", {"progressive": False}, "default with every L-BFGS round on all trajectories"),

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
     g.add_argument("--init-from", help="warm start from a parameter file (same or neighbouring NFE)")
     g.add_argument("--scale-dir", type=float, help="bound s_d of the direction scales")
     g.add_argument("--scale-time", type=float, help="bound s_t of the time scales")
+    g.add_argument("--learn-grid", dest="learn_grid", action="store_true", default=None,
+                   help="learn the interior grid sigmas with the tables (needs --loss final)")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", help="any training-free solver (dpm_2, heun, ...)")
     g.add_argument("--teacher-points", help="M points inserted per student interval, or 'auto'")
@@ -117,6 +119,7 @@ def _run(args, main: bool) -> int:
                    teacher_subgrid=args.teacher_subgrid, trajectories=args.trajectories, batch=args.batch,
                    epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, lr_floor=args.lr_floor,
                    lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, restarts=args.restarts, progressive=args.progressive,
+                   learn_grid=args.learn_grid,
                    loss=args.loss,
                    feature_weight=args.feature_weight, rollout=args.rollout, bptt=args.bptt,
                    val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed)

@@ -17,6 +17,7 @@ from .cache import DiskCache, default_cache_dir, model_fingerprint
 from .config import AUTO, DistillConfig, make_config
 from .losses import DistillLoss
 from .noise import VALIDATION_SEED_BASE, SeedRange, start_states
+from .grid import GridTables
 from .student import Student
 from .teacher import TeacherSpec, convergence, grid_key, refined_spec, run_teacher, teacher_grid
 from .train import TrainData, Trainer
@@ -316,7 +317,13 @@ class DistillRun:
         }
         if outcome.nonfinite_skipped:
             self.log(f"{outcome.nonfinite_skipped} update(s) skipped: non-finite loss or gradient")
-        return EPDParams.from_tables(tables, sigmas=self.sigmas, afs=c.afs, plugin_order=student.plugin_order,
+        grid = self.sigmas
+        if c.learn_grid:
+            with torch.no_grad():
+                grid = tables.grid().detach()
+            tables = tables.tables_only()
+            meta["start_grid"] = self.sigmas.tolist()
+        return EPDParams.from_tables(tables, sigmas=grid, afs=c.afs, plugin_order=student.plugin_order,
                                      solver=c.solver, **_json_safe(meta))
 
     def initial_tables(self, student: Student, loss: DistillLoss, data: TrainData, init_from: Any = None,
@@ -327,8 +334,9 @@ class DistillRun:
         c = self.cfg
 
         def make(init: str, seed: int) -> EPDTables:
-            t = EPDTables(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, init, seed,
-                          sigmas=self.sigmas)
+            cls = GridTables if c.learn_grid else EPDTables
+            t = cls(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, init, seed,
+                    sigmas=self.sigmas)
             if init_from is not None and seed == c.seed:
                 warm_start(t, init_from)
             return t

@@ -55,6 +55,7 @@ class DistillConfig:
     lbfgs_rounds: int = 4
     lbfgs_iterations: int = 15
     restarts: int = 1
+    learn_grid: bool = False
     progressive: bool = False
     val_trajectories: int = 128
     val_every: int = 50
@@ -83,6 +84,9 @@ class DistillConfig:
                              "step minus 1 with AFS (odd Para.NFE needs AFS, even needs none)")
         if self.nfe + int(self.afs) < 2:
             raise ValueError("need at least one step")
+        if self.learn_grid and (self.loss != "final" or self.parameterization == "paper"):
+            raise ValueError("learn_grid needs loss='final' (the teacher's intermediate states sit on the fixed "
+                             "grid) and a grid-free parameterisation ('ordered' or 'official')")
         for name, choices in (("rollout", ROLLOUTS), ("bptt", BPTT_MODES), ("loss", LOSSES),
                               ("optimizer", OPTIMIZERS), ("teacher_subgrid", SUBGRIDS)):
             if getattr(self, name) not in choices:

@@ -56,6 +56,10 @@ class Student:
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
         self._run: Callable[..., Any] = amed_plugin_rollout if solver == "amed_plugin" else epd_rollout
 
+    def grid_of(self, tables: EPDTables) -> torch.Tensor:
+        """The grid the tables run on: their learned grid (``GridTables``) or the fixed student grid."""
+        return tables.grid() if hasattr(tables, "grid") else self.sigmas
+
     @property
     def steps(self) -> int:
         return self.sigmas.numel() - 1
@@ -64,7 +68,7 @@ class Student:
                teacher: torch.Tensor | None = None, extra_args: dict[str, Any] | None = None) -> list[torch.Tensor]:
         """Differentiable states x_1..x_{N-1}; ``teacher`` (B, N-1, ...) is needed for teacher forcing."""
         natural = [v.to(x0.dtype) for v in tables.natural()]
-        sigmas = self.sigmas.to(x0.dtype)
+        sigmas = self.grid_of(tables).to(x0.dtype)
         common = dict(plugin_order=self.plugin_order, extra_args=extra_args, strategy=self.strategy)
         if self.rollout == "free" and self.bptt == "full":
             _, states = self._run(model, x0, sigmas, *natural, afs=self.afs, return_states=True, **common)
@@ -84,7 +88,8 @@ class Student:
                extra_args: dict[str, Any] | None = None, batch: int = 1024) -> torch.Tensor:
         """The free-running end point x_{N-1} (what sampling with these tables produces)."""
         natural = [v.to(x0.dtype) for v in tables.natural()]
-        out = [self._run(model, x0[i:i + batch], self.sigmas.to(x0.dtype), *natural, afs=self.afs,
+        sigmas = self.grid_of(tables).to(x0.dtype)
+        out = [self._run(model, x0[i:i + batch], sigmas, *natural, afs=self.afs,
                          plugin_order=self.plugin_order, extra_args=extra_args, strategy=self.strategy)
                for i in range(0, x0.shape[0], batch)]
         return torch.cat(out)

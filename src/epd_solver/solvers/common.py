@@ -22,7 +22,7 @@ def evaluate(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.T
     """(denoised, d) at a grid point: a model call, or with ``afs`` (first step only) the analytical first
     step d_0 = x/sqrt(1+sigma^2), D_0 = x - sigma d_0 (no call)."""
     if afs:
-        d = afs_direction(model, x, float(sigma))
+        d = afs_direction(model, x, float(sigma.detach() if isinstance(sigma, torch.Tensor) else sigma))
         return x - sigma * d, d
     denoised = call_model(model, x, sigma, extra_args)
     return denoised, to_d(x, sigma, denoised)
