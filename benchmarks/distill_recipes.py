@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "randn-init": ("epd", "default", {"init": "randn"}, "default with randn initialisation"),
     "restarts-3": ("epd", "default", {"restarts": 3}, "default, best of 3 starts (recipe init + 2 randn)"),
     "warm-start": ("epd", "default", {}, "default, initialised from the default table of Para.NFE n - 2"),
+    "learn-grid": ("epd", "default", {"learn_grid": True}, "default with the interior grid points learned (--learn-grid)"),
     "teacher-M3": ("epd", "default", {"teacher_points": 3, "teacher_subgrid": "schedule"},
                    "default with the official teacher refinement (dpm_2, M = 3 on the schedule)"),
     "k1": ("epd", "default", {"k": 1}, "default recipe, K = 1"),

@@ -118,9 +118,8 @@ def _run(args, main: bool) -> int:
                    scale_time=args.scale_time, teacher=args.teacher, teacher_points=points,
                    teacher_subgrid=args.teacher_subgrid, trajectories=args.trajectories, batch=args.batch,
                    epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, lr_floor=args.lr_floor,
-                   lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, restarts=args.restarts, progressive=args.progressive,
-                   learn_grid=args.learn_grid,
-                   loss=args.loss,
+                   lbfgs_rounds=args.lbfgs_rounds, lbfgs_iterations=args.lbfgs_iterations, restarts=args.restarts,
+                   progressive=args.progressive, learn_grid=args.learn_grid, loss=args.loss,
                    feature_weight=args.feature_weight, rollout=args.rollout, bptt=args.bptt,
                    val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed)
     if args.rho is not None:

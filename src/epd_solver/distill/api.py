@@ -137,6 +137,7 @@ class DistillRun:
             raise ValueError(f"{c.trajectories} training trajectories cannot be shared by {world} processes")
         if not self.data_parallel:
             world = 1
+        self.processes = world
         sizes = dist_utils.row_split(c.trajectories, world)
         me = dist_utils.rank() if self.data_parallel else 0
         self.shard = (sum(sizes[:me]), sum(sizes[:me + 1]))  # this rank's training trajectories (global indices)
@@ -303,7 +304,7 @@ class DistillRun:
             "teacher": spec.as_dict(), "teacher_nfe": self.teacher_nfe_of(spec), "teacher_convergence": conv,
             "teacher_total_nfe": self.teacher_nfe_of(spec) * (c.trajectories + c.val_trajectories),
             "loss": loss.describe(), "config": c.as_dict(), "dtype": str(self.dtype),
-            "data_parallel": {"processes": dist_world(self.data_parallel)},
+            "data_parallel": {"processes": self.processes},
             "seeds": {"train": [self.train_seeds.start, self.train_seeds.count],
                       "validation": [self.val_seeds.start, self.val_seeds.count]},
             "training": {"restarts": restarts, "best_val_rmse": outcome.best_val, "best_iteration": outcome.best_iteration,
@@ -388,12 +389,6 @@ class DistillRun:
         spec = self.teacher_spec
         fine = teacher_grid(self.sigmas, spec, self.cfg.schedule, self.cfg.schedule_kwargs)
         return json.dumps(self._teacher_key(spec, fine), sort_keys=True)
-
-
-def dist_world(data_parallel: bool) -> int:
-    from .. import distributed as dist_utils
-
-    return dist_utils.world_size() if data_parallel else 1
 
 
 def report_line(v: dict[str, Any]) -> str:
