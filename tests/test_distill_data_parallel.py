@@ -1,14 +1,10 @@
 """Data-parallel distillation: 2 gloo processes, each with half of the training trajectories and all-reduced
 gradients, end with the parameters of one process with the same total batch (issue 8)."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo import run_ranks
 
-from epd_solver import distributed as du
 from epd_solver.distill import distill
 from epd_solver.problems import digits_mixture
 
@@ -21,12 +17,6 @@ CASES = {
 COMMON = dict(compare=False, cache=False, progress=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tables(params) -> dict[str, torch.Tensor]:
     return dict(zip(("r", "weights", "dir_scale", "time_scale"), params.natural(torch.float64)))
 
@@ -37,27 +27,17 @@ def run_case(name: str):
     return distill(digits_mixture(), "epd", 3, recipe=recipe, **COMMON, **opts)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    du.init("cpu")
-    try:
-        results = {}
-        for name in CASES:
-            p = run_case(name)
-            results[name] = (tables(p), p.meta["timing"]["teacher_evaluations_this_run"], p.meta["data_parallel"])
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        du.cleanup()
+def _worker(rank: int, out: str) -> dict:
+    results = {}
+    for name in CASES:
+        p = run_case(name)
+        results[name] = (tables(p), p.meta["timing"]["teacher_evaluations_this_run"], p.meta["data_parallel"])
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dp")
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method=method)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dp"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

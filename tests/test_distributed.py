@@ -2,12 +2,11 @@
 reduction and branch-parallel (row-parallel) sampling, checked against single-process computations."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo import run_ranks
 
 from epd_solver import distributed as du
 from epd_solver.denoisers import CFGDenoiser, as_denoiser
@@ -18,12 +17,6 @@ from epd_solver.sampling import get_sampler
 from epd_solver.schedules import polynomial
 
 F64 = torch.float64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rel(a, b) -> float:
@@ -148,53 +141,42 @@ def cfg_inputs():
     return x, {"label": torch.tensor([1.0, 2.0, 3.0], dtype=F64)}, polynomial(4, 0.002, 80.0)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    du.init("cpu")
-    try:
-        results = {"rank": du.rank(), "world": du.world_size()}
-        marker = os.path.join(out, "made_by_rank0")
-        with du.rank0_first():  # rank 1 enters only after rank 0 has left the block
-            results["marker_seen"] = os.path.exists(marker)
-            if rank == 0:
-                open(marker, "w").close()
-        results["from_rank0"] = du.broadcast_object(f"hello from {rank}")
-        f = features()
-        for name, (n0, _) in SPLITS.items():
-            part = f[:n0] if rank == 0 else f[n0:]
-            stats = FeatureStats()
-            if len(part):
-                stats.update(part)
-            stats.all_reduce()
-            results[f"stats_{name}"] = (stats.n, stats.mean(), stats.cov())
-        gm = digits_mixture()
-        for name, params, b in epd_cases():
-            x = 80 * torch.randn(b, 64, dtype=F64, generator=torch.Generator().manual_seed(b))
-            counter = RowCounter(gm)
-            model = du.RowParallelDenoiser(counter)
-            y, info = sample_epd(model, x, params.sigmas, params, disable=True, return_info=True)
-            results[f"epd_{name}"] = (y, info.nfe.para_nfe, info.nfe.evaluations, model.collectives, counter.rows)
-        x, cond, sig = cfg_inputs()
-        euler = get_sampler("euler")
-        uncond = {"label": torch.tensor(0.0, dtype=F64)}
-        outer = du.RowParallelDenoiser(CFGDenoiser(labelled(gm), 2.5, uncond))
-        results["cfg_outer"] = (euler(outer, x, sig, cond, None, True), outer.collectives)
-        inner = du.RowParallelDenoiser(labelled(gm))
-        results["cfg_inner"] = (euler(CFGDenoiser(inner, 2.5, uncond), x, sig, cond, None, True), inner.collectives)
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        du.cleanup()
+def _worker(rank: int, out: str) -> dict:
+    results = {"rank": du.rank(), "world": du.world_size()}
+    marker = os.path.join(out, "made_by_rank0")
+    with du.rank0_first():  # rank 1 enters only after rank 0 has left the block
+        results["marker_seen"] = os.path.exists(marker)
+        if rank == 0:
+            open(marker, "w").close()
+    results["from_rank0"] = du.broadcast_object(f"hello from {rank}")
+    f = features()
+    for name, (n0, _) in SPLITS.items():
+        part = f[:n0] if rank == 0 else f[n0:]
+        stats = FeatureStats()
+        if len(part):
+            stats.update(part)
+        stats.all_reduce()
+        results[f"stats_{name}"] = (stats.n, stats.mean(), stats.cov())
+    gm = digits_mixture()
+    for name, params, b in epd_cases():
+        x = 80 * torch.randn(b, 64, dtype=F64, generator=torch.Generator().manual_seed(b))
+        counter = RowCounter(gm)
+        model = du.RowParallelDenoiser(counter)
+        y, info = sample_epd(model, x, params.sigmas, params, disable=True, return_info=True)
+        results[f"epd_{name}"] = (y, info.nfe.para_nfe, info.nfe.evaluations, model.collectives, counter.rows)
+    x, cond, sig = cfg_inputs()
+    euler = get_sampler("euler")
+    uncond = {"label": torch.tensor(0.0, dtype=F64)}
+    outer = du.RowParallelDenoiser(CFGDenoiser(labelled(gm), 2.5, uncond))
+    results["cfg_outer"] = (euler(outer, x, sig, cond, None, True), outer.collectives)
+    inner = du.RowParallelDenoiser(labelled(gm))
+    results["cfg_inner"] = (euler(CFGDenoiser(inner, 2.5, uncond), x, sig, cond, None, True), inner.collectives)
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    # fork where the platform has it: spawn re-imports torch in each child (seconds on a busy machine).
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method=method)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dist"))
 
 
 def test_two_processes_joined(two_ranks):

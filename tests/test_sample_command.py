@@ -2,15 +2,15 @@
 of the command, all checked against single-process sampling computed here."""
 
 import contextlib
+import functools
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo import run_ranks
 from PIL import Image
 
 from epd_solver import distributed as du
@@ -76,25 +76,13 @@ def epd_params(path=None):
     return p
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- one 2-process gloo run of three commands (the environment torchrun sets) ---------------------------------
 
-def _cli_worker(rank, world, port, runs, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    du.init("cpu")
-    try:
-        with open(os.path.join(out, f"stdout{rank}.txt"), "w") as log, contextlib.redirect_stdout(log):
-            codes = [main(a) for a in runs]
-        assert codes == [0] * len(runs), codes
-    finally:
-        du.cleanup()
+def _cli_worker(runs, rank, out):
+    with open(os.path.join(out, f"stdout{rank}.txt"), "w") as log, contextlib.redirect_stdout(log):
+        codes = [main(a) for a in runs]
+    assert codes == [0] * len(runs), codes
+    return codes
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +96,24 @@ def two_process_outputs(tmp_path_factory):
                    "--out", str(tmp / "bp"), "--threads", "1", "--branch-parallel"]]
     runs += [DIGITS + ["--seeds", "0-63", "--batch", b, "--out", str(tmp / f"digits{b}"), "--threads", "1"]
              for b in ("8", "64")]
-    # fork where the platform has it: spawn (or torchrun) re-imports torch per process, seconds on a busy machine.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_cli_worker, args=(2, free_port(), runs, str(tmp)), nprocs=2, join=True, start_method=method)
+    runs.append(DISTILL + ["--out", str(tmp / "dp.safetensors")])  # data-parallel distillation
+    run_ranks(functools.partial(_cli_worker, runs), tmp)
     return tmp, (tmp / "stdout0.txt").read_text()
+
+
+DISTILL = ["distill", "--model", "gmm:digits", "--nfe", "3", "--trajectories", "12", "--batch", "4",
+           "--val-trajectories", "8", "--lbfgs-rounds", "1", "--lbfgs-iterations", "4", "--teacher-points", "1",
+           "--no-cache", "--quiet", "--allow-worse"]
+
+
+def test_distill_command_under_two_processes_equals_one_process(two_process_outputs, tmp_path):
+    tmp, stdout = two_process_outputs
+    assert "data parallel over 2 processes" in stdout
+    assert main(DISTILL + ["--out", str(tmp_path / "one.safetensors")]) == 0
+    two, one = EPDParams.load(tmp / "dp.safetensors"), EPDParams.load(tmp_path / "one.safetensors")
+    assert two.meta["data_parallel"] == {"processes": 2} and one.meta["data_parallel"] == {"processes": 1}
+    for a, b in zip(two.natural(), one.natural()):
+        assert (a - b).abs().max().item() <= 1e-6
 
 
 def test_seeds_0_63_identical_for_1_and_2_processes_and_batch_8_and_64(two_process_outputs, tmp_path):

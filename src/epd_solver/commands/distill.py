@@ -86,11 +86,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import distributed as dist_utils
 
+    owned = not dist_utils.is_initialized()  # leave a caller's process group alone
     dist_utils.init(device="cpu")
     try:
         return _run(args, dist_utils.is_main())
     finally:
-        dist_utils.cleanup()
+        if owned:
+            dist_utils.cleanup()
 
 
 def _run(args, main: bool) -> int:
