@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from epd_solver.distill import default_cache_dir, distill
-from epd_solver.distill.api import report_line
+from epd_solver.distillation import default_cache_dir, distill
+from epd_solver.distillation.api import report_line
 from epd_solver.epd import EPDParams
 from epd_solver.resolve import load_model
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from epd_solver.distill import DistillRun, DiskCache, default_cache_dir, distill, model_fingerprint
-from epd_solver.distill.noise import TEST_SEED_BASE, SeedRange, start_states
-from epd_solver.distill.validate import exact_reference, rmse, run_baselines, score_baselines
+from epd_solver.distillation import DistillRun, DiskCache, default_cache_dir, distill, model_fingerprint
+from epd_solver.distillation.noise import TEST_SEED_BASE, SeedRange, start_states
+from epd_solver.distillation.validate import exact_reference, rmse, run_baselines, score_baselines
 from epd_solver.epd import sample_epd
 from epd_solver.problems import get_problem
 

@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from epd_solver.distill import (DiskCache, DistillLoss, DistillRun, Student, TeacherSpec, distill, make_config,
+from epd_solver.distillation import (DiskCache, DistillLoss, DistillRun, Student, TeacherSpec, distill, make_config,
                                 model_fingerprint, run_teacher, teacher_grid)
-from epd_solver.distill.noise import SeedRange, trajectory_noise
-from epd_solver.distill.train import TrainData, Trainer
-from epd_solver.distill.validate import run_baselines
+from epd_solver.distillation.noise import SeedRange, trajectory_noise
+from epd_solver.distillation.train import TrainData, Trainer
+from epd_solver.distillation.validate import run_baselines
 from epd_solver.epd import EPDParams, EPDTables, sample_epd
 from epd_solver.schedules import get_sigmas
 
@@ -258,7 +258,7 @@ def test_distill_a_plain_callable_with_its_shape(tmp_path):
 def test_warm_start_from_a_neighbouring_nfe(tmp_path):
     src = distill(GaussDenoiser(), "epd", 3, cache_dir=tmp_path, teacher_points=1, **TINY)
     run = DistillRun(GaussDenoiser(), "epd", 5, cache_dir=tmp_path, teacher_points=1, **TINY)
-    from epd_solver.distill import warm_start
+    from epd_solver.distillation import warm_start
 
     tables = EPDTables(3, 2, sigmas=run.sigmas)
     warm_start(tables, src)
@@ -290,12 +290,13 @@ def test_cli_refuses_overwrite_and_reports_a_crippled_run(tmp_path, capsys):
     assert main(common + ["--out", str(fresh)]) == 2  # exists now
 
 
-def test_package_name_and_function_both_call_distill(tmp_path):
+def test_epd_solver_distill_is_the_function_after_any_import(tmp_path):
     import importlib
 
     import epd_solver
 
-    importlib.import_module("epd_solver.distill.train")  # binds the package to epd_solver.distill
+    importlib.import_module("epd_solver.distillation.train")  # the package no longer shadows the function
+    assert epd_solver.distill is distill
     p = epd_solver.distill(GaussDenoiser(), "epd", 3, cache_dir=tmp_path, teacher_points=1, **TINY)
     assert isinstance(p, EPDParams) and p.k == 2
 
@@ -308,7 +309,7 @@ def test_restarts_continue_from_the_best_start(tmp_path):
 
 
 def test_learned_grid_keeps_the_end_points_and_is_what_the_file_samples(tmp_path):
-    from epd_solver.distill.noise import VALIDATION_SEED_BASE, start_states
+    from epd_solver.distillation.noise import VALIDATION_SEED_BASE, start_states
     from epd_solver.problems import digits_mixture
 
     gm = digits_mixture()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from gloo import run_ranks
 
-from epd_solver.distill import distill
+from epd_solver.distillation import distill
 from epd_solver.problems import digits_mixture
 
 # small runs of both optimisers; 13 trajectories: the shards (7 + 6) and the Adam batches (4) do not align

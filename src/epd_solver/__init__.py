@@ -29,7 +29,7 @@ _EXPORTS = {
     # EPD
     "sample_epd": "epd", "EPDParams": "epd",
     # distillation
-    "distill": "distill",
+    "distill": "distillation.api",
     # the bundled model
     "load_default_model": "models", "load_model_from": "models",
     # diffusers integration (optional dependency, imported on first use)

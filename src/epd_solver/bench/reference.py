@@ -30,8 +30,8 @@ EXACT_TOL, EXACT_CHUNK = 1e-9, 64  # vs 1e-12: RMSE < 1e-9 on gmm:digits; chunks
 
 
 def default_cache_dir() -> Path:
-    """``bench/`` under the library's cache root (``$EPD_SOLVER_CACHE``, see ``distill.cache``)."""
-    from ..distill.cache import default_cache_dir as root
+    """``bench/`` under the library's cache root (``$EPD_SOLVER_CACHE``, see ``distillation.cache``)."""
+    from ..distillation.cache import default_cache_dir as root
 
     return root() / "bench"
 

@@ -41,7 +41,7 @@ def _formatter():
 
 def run(args) -> int:
     from ..bench.runner import BenchConfig, check_out_dir, run_bench
-    from ..distill import distill
+    from ..distillation import distill
     from ..resolve import load_model
 
     if args.samples < 2:

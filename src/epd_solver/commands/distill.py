@@ -97,7 +97,7 @@ def run(args) -> int:
 
 def _run(args, main: bool) -> int:
     from .. import distributed as dist_utils
-    from ..distill import distill
+    from ..distillation import distill
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -150,7 +150,7 @@ def _run(args, main: bool) -> int:
           f"({params.meta['teacher_nfe']} NFE), {t['total_s']:.1f} s (teacher {t['teacher_s']:.1f} s)"
           + (f", data parallel over {world} processes" if world > 1 else ""))
     if v:
-        from ..distill.api import report_line
+        from ..distillation.api import report_line
 
         print(report_line(v))
     if v and not v["better"] and not args.allow_worse:
