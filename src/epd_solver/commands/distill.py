@@ -131,7 +131,7 @@ def _run(args, main: bool) -> int:
     feature = import_callable(args.feature_extractor, "--feature-extractor") if args.feature_extractor else None
 
     def log(msg: str) -> None:
-        if main:
+        if main and not msg.startswith("validation ("):  # the validation line is printed once, below
             print(msg, file=sys.stderr, flush=True)
 
     params = distill(args.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
