@@ -5,7 +5,8 @@ each variant (a learned solver, a named recipe and overrides), evaluates it on h
 (seeds from ``TEST_SEED_BASE``, disjoint from training and validation seeds) against the exact end point
 (DOP853, rtol 1e-10), and compares with the training-free field (every solver at the paper's setting and
 at each schedule x AFS) at equal Para.NFE and at equal total evaluations. Cells are cached in the cache
-directory, so an interrupted run continues; tables go to ``benchmarks/results/distill_recipes.{md,json}``.
+directory, so an interrupted run continues; tables go to ``--out`` (.md and .json; the committed ones are
+benchmarks/results/distill_recipes_{digits,synthetic,synthetic_variants}, see benchmarks/README.md).
 
     python benchmarks/distill_recipes.py                       # everything (long)
     python benchmarks/distill_recipes.py --problems digits --variants default official --nfe 5

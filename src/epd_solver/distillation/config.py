@@ -2,7 +2,7 @@
 
 A recipe is a set of defaults; anything passed explicitly overrides it. ``official`` reproduces the
 released ICCV runs (EPD.md §9), ``amed`` AMED's own recipe (BASELINES.md §1.7-1.8), ``default`` is this
-library's recipe, chosen by the measurements in ``benchmarks/results/distill_recipes.md``.
+library's recipe, chosen by the measurements in ``benchmarks/results/distill_recipes_digits.md`` (and ``_synthetic``).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
                         rollout="free", bptt="full", plugin_order=4 if solver == "amed_plugin" else 3)
         return dict(base, schedule="time_uniform", schedule_kwargs={}, teacher_points=1,
                     rollout="teacher_forced", bptt="detached", plugin_order=None)
-    # default: see benchmarks/results/distill_recipes.md
+    # default: see benchmarks/results/distill_recipes_digits.md and _synthetic.md
     return dict(schedule="time_uniform", schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
                 init="deterministic", scale_dir=0.05, scale_time=0.05, teacher="dpm_2", teacher_points=AUTO,
                 teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
