@@ -304,3 +304,31 @@ def test_module_function_names_resolve_with_named_errors():
         import_callable("epd_solver.problems:PROBLEMS", "--feature-extractor")
     with pytest.raises(ValueError, match="--features must be module:function"):
         import_callable("epd_solver.problems", "--features")
+
+
+def test_write_atomic_replaces_only_when_asked_and_cleans_up(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    from epd_solver.files import write_atomic
+
+    path = tmp_path / "f.txt"
+    assert write_atomic(path, lambda t: Path(t).write_text("one"), replace=False) is True
+    assert write_atomic(path, lambda t: Path(t).write_text("two"), replace=False) is False
+    assert path.read_text() == "one"
+    assert write_atomic(path, lambda t: Path(t).write_text("three")) is True
+    assert path.read_text() == "three"
+
+    def broken(t):
+        Path(t).write_text("partial")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        write_atomic(path, broken)
+    assert path.read_text() == "three" and sorted(os.listdir(tmp_path)) == ["f.txt"]  # no temporary left
+    # a file system without hard links: exclusive create keeps the no-replace rule
+    monkeypatch.setattr(os, "link", lambda a, b: (_ for _ in ()).throw(OSError("no links")))
+    assert write_atomic(path, lambda t: Path(t).write_text("four"), replace=False) is False
+    assert path.read_text() == "three"
+    assert write_atomic(tmp_path / "g.txt", lambda t: Path(t).write_text("five"), replace=False) is True
+    assert (tmp_path / "g.txt").read_text() == "five" and sorted(os.listdir(tmp_path)) == ["f.txt", "g.txt"]

@@ -15,8 +15,6 @@ import argparse
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 import torch.distributed
 
 from .. import distributed as dist_utils
+from ..files import write_atomic
 
 SCHEDULE_CHOICES = ("polynomial", "logsnr", "time_uniform", "flowmatch")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -223,27 +222,16 @@ def _features(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def write_new(path: Path, array: np.ndarray, fmt: str) -> bool:
-    """Write ``array`` to ``path`` atomically (temp file + hard link) unless ``path`` exists; True if written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    """Write ``array`` to ``path`` atomically unless ``path`` exists (never replaces a file); True if written."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             if fmt == "png":
                 _write_png(handle, array)
             else:
                 np.save(handle, array, allow_pickle=False)
-        try:
-            os.link(tmp, path)  # fails if the name exists: never replaces a file
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links here: exclusive create keeps the no-overwrite rule
-            try:
-                with open(path, "xb") as dst, open(tmp, "rb") as src:
-                    dst.write(src.read())
-            except FileExistsError:
-                return False
-        return True
-    finally:
-        os.unlink(tmp)
+
+    return write_atomic(path, write, replace=False)
 
 
 def _check_manifest(out: Path, plan: dict[str, Any]) -> str | None:
@@ -260,16 +248,9 @@ def _check_manifest(out: Path, plan: dict[str, Any]) -> str | None:
             return (f"{out} holds samples made with another configuration (differs in {', '.join(diff)}); "
                     "use another --out")
         return None
-    text = json.dumps(record, indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    if not write_atomic(path, lambda tmp: Path(tmp).write_text(text), replace=False):
         return f"{path} appeared while starting; run again"
-    finally:
-        os.unlink(tmp)
     return None
 
 

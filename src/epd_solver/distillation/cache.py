@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import types
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..files import write_atomic
 from .noise import SeedRange
 
 __all__ = ["default_cache_dir", "model_fingerprint", "DiskCache", "CACHE_ENV"]
@@ -132,14 +132,8 @@ class DiskCache:
         if not key_file.exists():
             _atomic_write_text(key_file, json.dumps(dict(key), sort_keys=True, indent=1, default=str))
         target = folder / f"seeds-{seeds.start}-{seeds.count}.safetensors"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(target, lambda tmp: save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
+                                                   tmp))
 
     def load_json(self, kind: str, key: Mapping[str, Any]) -> Any:
         if self.root is None:
@@ -160,11 +154,4 @@ class DiskCache:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

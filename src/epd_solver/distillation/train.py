@@ -21,14 +21,15 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as dist_utils
 from ..epd import EPDTables
+from ..files import write_atomic
 from .config import DistillConfig
 from .losses import DistillLoss
 from .optim import Adam, lbfgs
@@ -38,18 +39,6 @@ from .validate import rmse
 __all__ = ["TrainData", "TrainOutcome", "Trainer", "CheckpointError", "config_hash"]
 
 CHECKPOINT_FORMAT = "epd-distill-checkpoint"
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # fields that do not change the trained tables (a run may be resumed with other values)
@@ -107,10 +96,10 @@ class Trainer:
         self.lo, self.hi = data.offset, data.offset + data.x0.shape[0]
         if not 0 <= self.lo <= self.hi <= self.n:
             raise ValueError(f"training shard [{self.lo}, {self.hi}) outside the {self.n} trajectories")
-        self.data_parallel = bool(data_parallel) and _world() > 1
+        self.data_parallel = bool(data_parallel) and dist_utils.world_size() > 1
         if not self.data_parallel and (self.lo, self.hi) != (0, self.n):
             raise ValueError("a shard of the training trajectories needs data_parallel=True in a process group")
-        self.main = _rank() == 0 if self.data_parallel else True
+        self.main = dist_utils.is_main() if self.data_parallel else True
         # state
         self.iteration = 0
         self.best_raw = tables.raw()
@@ -310,15 +299,8 @@ class Trainer:
                  "adam": opt_state is not None}
         path = self.checkpoint
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({n: t.contiguous() for n, t in tensors.items()}, tmp,
-                      metadata={"state": json.dumps(state)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(path, lambda tmp: save_file({n: t.contiguous() for n, t in tensors.items()}, tmp,
+                                                 metadata={"state": json.dumps(state)}))
 
     def _load_checkpoint(self) -> dict[str, torch.Tensor] | None:
         from safetensors import safe_open

@@ -14,11 +14,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from ..files import write_atomic
 
 __all__ = ["EPDParams", "ParamsError", "ParamsFileError", "ParamsMismatchError", "SOLVERS", "FORMAT",
            "FORMAT_VERSION"]
@@ -264,8 +265,8 @@ class EPDParams:
                 "library_version": _library_version(), "meta": self.meta}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write one .safetensors file atomically (temp file + os.replace); refuse an existing file
-        (``FileExistsError``) unless ``overwrite=True``."""
+        """Write one .safetensors file atomically (:func:`epd_solver.files.write_atomic`); refuse an existing
+        file (``FileExistsError``) unless ``overwrite=True``."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -276,26 +277,9 @@ class EPDParams:
         tensors = {n: getattr(self, n) for n in VALUE_NAMES + ("sigmas",)}
         tensors.update({f"raw.{n}": v for n, v in self.raw.items()})
         meta = {METADATA_KEY: json.dumps(self.header(), allow_nan=False)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            if overwrite:
-                os.replace(tmp, path)
-            else:  # link fails if the name appeared meanwhile: never replace a file silently
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-                except OSError:  # no hard links on this file system
-                    if path.exists():
-                        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-                    os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # without overwrite the name is taken by a link, so a file that appeared meanwhile is never replaced
+        if not write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), replace=overwrite, fsync=True):
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         return path
 
     @classmethod
