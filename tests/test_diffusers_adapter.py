@@ -23,7 +23,6 @@ from epd_solver.epd.params import EPDParams, ParamsMismatchError  # noqa: E402
 from epd_solver.integrations import diffusers as epd_diffusers  # noqa: E402
 from epd_solver.integrations.diffusers import (DiffusersModelError, default_sigmas, diffusers_denoiser,  # noqa: E402
                                                load_diffusers_model, sample)
-from epd_solver.sampling import get_sampler  # noqa: E402
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 R = [[0.2, 0.7], [0.35, 0.8], [0.1, 0.5]]

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from test_diffusers_adapter import (A, C, LAM, R, SD_BETAS, rel_err, sd3_embeddings, sd_embeddings,  # noqa: E402
                                     tiny_sd3_pipe, tiny_sd_pipe, tiny_unet2d)
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from epd_solver.distillation import (DiskCache, DistillLoss, DistillRun, Student, TeacherSpec, distill, make_config,
+from epd_solver.distillation import (DistillLoss, DistillRun, Student, TeacherSpec, distill, make_config,
                                 model_fingerprint, run_teacher, teacher_grid)
 from epd_solver.distillation.noise import SeedRange, trajectory_noise
 from epd_solver.distillation.train import TrainData, Trainer

@@ -13,7 +13,6 @@ import torch
 from gloo import run_ranks
 from PIL import Image
 
-from epd_solver import distributed as du
 from epd_solver.cli import main
 from epd_solver.denoisers import Denoiser
 from epd_solver.epd import EPDParams, sample_epd

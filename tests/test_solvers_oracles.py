@@ -107,7 +107,7 @@ def test_dpm_2_matches_original_noise_form(r):
     x = _noise((4, 64), 80.0, seed=2)
     xv = x * _vp(80.0)[0]
     for s, t in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        (a_s, sv_s, l_s), (a_t, sv_t, l_t) = _vp(s), _vp(t)
+        (a_s, _, l_s), (a_t, sv_t, l_t) = _vp(s), _vp(t)
         h = l_t - l_s
         s1 = math.exp(-(l_s + r * h))
         a_1, sv_1, _ = _vp(s1)

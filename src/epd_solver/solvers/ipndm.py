@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import trange
 
-from ..sampling import call_model, register_sampler
-from .common import check_max_order, evaluate, report, to_d
+from ..sampling import register_sampler
+from .common import check_max_order, evaluate, report
 
 __all__ = ["sample_ipndm", "ADAMS_BASHFORTH"]
 
