@@ -14,6 +14,7 @@ import torch
 from epd_solver.distillation import (DistillLoss, DistillRun, Student, TeacherSpec, distill, make_config,
                                 model_fingerprint, run_teacher, teacher_grid)
 from epd_solver.distillation.noise import SeedRange, trajectory_noise
+from epd_solver.distillation.api import checkpoint_paths
 from epd_solver.distillation.train import TrainData, Trainer
 from epd_solver.distillation.validate import run_baselines
 from epd_solver.epd import EPDParams, EPDTables, sample_epd
@@ -149,7 +150,8 @@ def test_teacher_cache_is_reused(tmp_path):
     runs = []
     for _ in range(2):
         model = GaussDenoiser()
-        p = distill(model, "epd", 5, cache_dir=tmp_path, teacher_points=3, teacher_subgrid="schedule", **TINY)
+        p = distill(model, "epd", 5, cache_dir=tmp_path, schedule="time_uniform", teacher_points=3,
+                    teacher_subgrid="schedule", **TINY)
         runs.append((model.rows, p))
     steps = 3
     teacher_rows = (8 * 2 * 4 * steps      # validation subset = validation set, M = 3
@@ -183,18 +185,24 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, optimizer):
     class Killed(Exception):
         pass
 
-    def kill(it, info):
-        if it >= 2:
+    calls = []
+
+    def kill(it, info):  # in the second candidate grid's training (schedule="auto" distils on two grids)
+        calls.append(it)
+        if it == 2 and calls.count(2) == 2:
             raise Killed
 
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(Killed):
         distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, checkpoint_every=1, on_iteration=kill, **opts)
-    assert ckpt.exists()
+    paths = checkpoint_paths(ckpt, 2)
+    assert all(p.exists() for p in paths) and not ckpt.exists()
     with pytest.raises(FileExistsError, match="resume"):
         distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, **opts)
     resumed = distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, resume=True, **opts)
-    assert resumed.meta["training"]["resumed_from"] == 2
+    assert resumed.meta["grid_selection"] == whole.meta["grid_selection"]
+    best = [c["chosen"] for c in whole.meta["grid_selection"]["candidates"]].index(True)
+    assert resumed.meta["training"]["resumed_from"] == (2 if best == 1 else whole.meta["training"]["iterations"])
     for a, b in zip(whole.natural(), resumed.natural()):
         assert torch.equal(a, b)
     assert whole.meta["training"]["history"] == resumed.meta["training"]["history"]
@@ -284,9 +292,14 @@ def test_cli_refuses_overwrite_and_reports_a_crippled_run(tmp_path, capsys):
     assert main(common + ["--out", str(fresh)]) == 3  # one trajectory, one iteration: worse than the baselines
     captured = capsys.readouterr()
     assert "NOT better" in captured.out + captured.err and not fresh.exists()
+    kept = checkpoint_paths(fresh.with_name(fresh.name + ".ckpt"), 2)  # one per candidate grid, for --resume
+    assert all(path.exists() for path in kept)
     assert main(common + ["--out", str(fresh), "--resume", "--allow-worse"]) == 0
     p = EPDParams.load(fresh)
     assert p.meta["validation"]["better"] is False and p.meta["validation"]["reference"] == "exact"
+    chosen = p.meta["schedule"] + "".join(f" {k}={v:g}" for k, v in p.meta["schedule_kwargs"].items())
+    assert f"{chosen} grid (chosen)" in capsys.readouterr().out
+    assert not any(path.exists() for path in kept)  # written: the checkpoints are removed
     assert main(common + ["--out", str(fresh)]) == 2  # exists now
 
 
@@ -324,6 +337,7 @@ def test_learned_grid_keeps_the_end_points_and_is_what_the_file_samples(tmp_path
     assert (s[1:-1] / start[1:-1] - 1).abs().max() > 1e-3  # the interior points moved
     # the best validation error recorded during training is the error of sampling with the saved file
     run = DistillRun(gm, "epd", 5, **opts)
+    run.use_grid(p.meta["schedule"], p.meta["schedule_kwargs"])  # the grid the run chose
     val_x0 = start_states(gm.prior_scale, gm.shape, SeedRange(VALIDATION_SEED_BASE, 16))
     spec, _ = run.choose_teacher(val_x0)
     teacher_end = run.teacher_states(spec, run.val_seeds, val_x0)[:, -1]

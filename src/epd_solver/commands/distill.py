@@ -36,7 +36,9 @@ def add_parser(sub) -> None:
     g.add_argument("--k", type=int, help="parallel directions per step (EPD; AMED uses 1)")
     g.add_argument("--afs", dest="afs", action="store_true", default=None, help="analytical first step")
     g.add_argument("--no-afs", dest="afs", action="store_false")
-    g.add_argument("--schedule", choices=["time_uniform", "polynomial", "logsnr"])
+    g.add_argument("--schedule", choices=["auto", "time_uniform", "polynomial", "logsnr"],
+                   help="student grid; auto (the default recipe's): distil on time_uniform and on polynomial "
+                        "rho 2, keep the one with the lower validation error")
     g.add_argument("--rho", type=float, help="schedule exponent (polynomial, time_uniform)")
     g.add_argument("--plugin-order", type=int, help="Adams-Bashforth order of the plugin solvers")
     g.add_argument("--parameterization", choices=["ordered", "official", "paper"])
@@ -145,7 +147,9 @@ def _run(args, main: bool) -> int:
     v = params.meta.get("validation") or {}
     t = params.meta["timing"]
     nfe = params.nfe()
+    kw = "".join(f" {k}={v:g}" for k, v in params.meta["schedule_kwargs"].items())
     print(f"{params.solver} K={params.k} Para.NFE {nfe['para_nfe']} ({nfe['evaluations']} evaluations per sample), "
+          f"{params.meta['schedule']}{kw} grid{' (chosen)' if 'grid_selection' in params.meta else ''}, "
           f"teacher {params.meta['teacher']['solver']} M={params.meta['teacher']['points']} "
           f"({params.meta['teacher_nfe']} NFE), {t['total_s']:.1f} s (teacher {t['teacher_s']:.1f} s)"
           + (f", data parallel over {world} processes" if world > 1 else ""))
@@ -159,7 +163,10 @@ def _run(args, main: bool) -> int:
               f"--allow-worse to write it anyway)", file=sys.stderr)
         return WORSE_STATUS
     params.save(out, overwrite=args.force)
-    if ckpt.exists():
-        ckpt.unlink()
+    from ..distillation.api import checkpoint_paths
+
+    for path in checkpoint_paths(ckpt, len(params.meta.get("grid_selection", {}).get("candidates", [None]))):
+        if path.exists():
+            path.unlink()
     print(f"wrote {out}")
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from ..epd import EPDParams, EPDTables
 from .cache import DiskCache, default_cache_dir, model_fingerprint
-from .config import AUTO, DistillConfig, make_config
+from .config import AUTO, GRID_CANDIDATES, DistillConfig, make_config
 from .losses import DistillLoss
 from .noise import VALIDATION_SEED_BASE, SeedRange, start_states
 from .grid import GridTables
@@ -23,7 +23,7 @@ from .teacher import TeacherSpec, convergence, grid_key, refined_spec, run_teach
 from .train import TrainData, Trainer
 from .validate import exact_reference, is_exact_problem, rmse, run_baselines, score_baselines
 
-__all__ = ["distill", "DistillRun", "TRAIN_SEED_STRIDE", "CONVERGENCE_SUBSET"]
+__all__ = ["distill", "DistillRun", "checkpoint_paths", "TRAIN_SEED_STRIDE", "CONVERGENCE_SUBSET"]
 
 TRAIN_SEED_STRIDE = 10_000_000   # training seeds of run seed s: s * stride + j
 CONVERGENCE_SUBSET = 64          # validation trajectories used to check (or choose) the teacher refinement
@@ -120,11 +120,11 @@ class DistillRun:
         self.progress = progress
         self.log = log or (lambda msg: None)
         self.teacher_evaluations = 0.0  # teacher rows evaluated in this run, per trajectory summed
+        self.teacher_seconds = 0.0
         self._field: list[dict[str, Any]] | None = None
         c = self.cfg
-        from ..schedules import get_sigmas
-
-        self.sigmas = get_sigmas(c.schedule, c.n_points, self.sigma_min, self.sigma_max, **c.schedule_kwargs)
+        self.grids = list(GRID_CANDIDATES) if c.schedule == AUTO else [(c.schedule, dict(c.schedule_kwargs))]
+        self.use_grid(*self.grids[0])
         self.train_seeds = SeedRange(c.seed * TRAIN_SEED_STRIDE, c.trajectories)
         self.val_seeds = SeedRange(VALIDATION_SEED_BASE, c.val_trajectories)
         from .. import distributed as dist_utils
@@ -142,6 +142,13 @@ class DistillRun:
         me = dist_utils.rank() if self.data_parallel else 0
         self.shard = (sum(sizes[:me]), sum(sizes[:me + 1]))  # this rank's training trajectories (global indices)
 
+    def use_grid(self, schedule: str, kwargs: dict[str, Any]) -> None:
+        """Make ``schedule(**kwargs)`` the student grid that the teacher, student and report use."""
+        from ..schedules import get_sigmas
+
+        self.schedule, self.schedule_kwargs = schedule, dict(kwargs)
+        self.sigmas = get_sigmas(schedule, self.cfg.n_points, self.sigma_min, self.sigma_max, **kwargs)
+
     # -- data ---------------------------------------------------------------------------------------------
     def starts(self, seeds: SeedRange) -> torch.Tensor:
         return start_states(self.prior_scale, self.shape, seeds, self.dtype, self.device)
@@ -153,14 +160,16 @@ class DistillRun:
 
     def teacher_states(self, spec: TeacherSpec, seeds: SeedRange, x0: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher states (n, N-1, ...) for ``seeds``, from the cache when it holds them."""
-        fine = teacher_grid(self.sigmas, spec, self.cfg.schedule, self.cfg.schedule_kwargs)
+        fine = teacher_grid(self.sigmas, spec, self.schedule, self.schedule_kwargs)
         key = self._teacher_key(spec, fine)
         hit = self.cache.load("teacher", key, seeds)
         if hit is not None:
             return hit["states"].to(self.device)
         x0 = self.starts(seeds) if x0 is None else x0
         batch = max(1, min(256, (2 ** 22) // max(1, math.prod(self.shape))))
+        start = time.perf_counter()
         states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch)
+        self.teacher_seconds += time.perf_counter() - start
         self.teacher_evaluations += report.evaluations * seeds.count
         self.teacher_nfe = report.para_nfe
         self.cache.save("teacher", key, seeds, {"states": states})
@@ -218,7 +227,7 @@ class DistillRun:
         sub_seeds = SeedRange(self.val_seeds.start, n)
         key = {"model": self.fingerprint, "grid": grid_key(self.sigmas), "teacher": spec.as_dict(), "auto": auto,
                "tolerance": c.teacher_tolerance, "max_points": c.teacher_max_points, "subset": n, "nfe": c.nfe,
-               "dtype": str(self.dtype), "schedule": [c.schedule, c.schedule_kwargs], "version": 1}
+               "dtype": str(self.dtype), "schedule": [self.schedule, self.schedule_kwargs], "version": 1}
         hit = self.cache.load_json("teacher_choice", key)
         if hit is not None:
             self.teacher_spec = TeacherSpec.make(c.teacher, hit["chosen_points"], c.teacher_subgrid)
@@ -251,8 +260,9 @@ class DistillRun:
     def run(self, checkpoint=None, checkpoint_every: int = 50, resume: bool = False, init_from: Any = None,
             on_iteration=None) -> EPDParams:
         t0 = time.perf_counter()
-        if checkpoint is not None and not resume and Path(checkpoint).exists():
-            raise FileExistsError(f"checkpoint {checkpoint} exists: pass resume=True (--resume) to continue it")
+        for path in checkpoint_paths(checkpoint, len(self.grids)):
+            if path is not None and not resume and path.exists():
+                raise FileExistsError(f"checkpoint {path} exists: pass resume=True (--resume) to continue it")
         saved = _freeze(self.model)
         try:
             with torch.enable_grad():
@@ -262,17 +272,32 @@ class DistillRun:
                 p.requires_grad_(flag)
         return params
 
-    def _run(self, checkpoint, checkpoint_every, resume, init_from, on_iteration, t0) -> EPDParams:
+    def _prepare(self, grid: tuple[str, dict[str, Any]], val_x0: torch.Tensor, x0: torch.Tensor,
+                 own: SeedRange, init_from: Any, resuming: bool) -> dict[str, Any]:
+        """Teacher, student, loss, starting tables and trainer on one student grid (made current)."""
         c = self.cfg
-        val_x0 = self.starts(self.val_seeds)
+        self.use_grid(*grid)
         spec, conv = self.choose_teacher(val_x0)
-        self.log(f"teacher {spec.describe()}: {self.teacher_nfe_of(spec)} NFE per trajectory; vs 2x refined "
-                 f"{conv['final_rmse']:.3g} RMSE (best training-free on the subset: {conv['best_baseline_rmse']:.3g})"
+        self.log(f"teacher {spec.describe()}{self._grid_note()}: {self.teacher_nfe_of(spec)} NFE per trajectory; "
+                 f"vs 2x refined {conv['final_rmse']:.3g} RMSE (best training-free on the subset: "
+                 f"{conv['best_baseline_rmse']:.3g})"
                  + ("" if conv["converged"] else "  [NOT converged: the teacher's error limits the student]"))
         val_teacher = self.teacher_states(spec, self.val_seeds, val_x0)
-        lo, hi = self.shard
-        own = SeedRange(self.train_seeds.start + lo, hi - lo)
-        x0 = self.starts(own)
+        teacher = self._train_teacher(spec, own, x0)
+        student = Student(c.solver, self.sigmas, c.afs, c.plugin_order, c.rollout, c.bptt)
+        loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight,
+                           sigmas=self.sigmas)
+        data = TrainData(x0, teacher, val_x0, val_teacher, offset=self.shard[0], total=c.trajectories)
+        tables, restarts = self.initial_tables(student, loss, data, init_from, skip=resuming)
+        grid_key_ = f":{self.schedule}{json.dumps(self.schedule_kwargs, sort_keys=True)}" if len(self.grids) > 1 else ""
+        trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, None, 50,
+                          self.progress, None, run_key=f"{self.fingerprint}:{spec.points}{grid_key_}",
+                          data_parallel=self.data_parallel)
+        return dict(grid=grid, sigmas=self.sigmas, spec=spec, conv=conv, val_teacher=val_teacher, student=student,
+                    loss=loss, tables=tables, restarts=restarts, trainer=trainer)
+
+    def _train_teacher(self, spec: TeacherSpec, own: SeedRange, x0: torch.Tensor) -> torch.Tensor:
+        """Teacher states of this rank's training trajectories; counts the evaluations."""
         before = self.teacher_evaluations
         teacher = self.teacher_states(spec, own, x0)
         if self.data_parallel:  # the training shards summed; the (replicated) validation teacher counted once
@@ -281,28 +306,65 @@ class DistillRun:
             box = torch.tensor([self.teacher_evaluations - before], dtype=torch.float64)
             dist.all_reduce(box)
             self.teacher_evaluations = before + float(box)
-        t_teacher = time.perf_counter() - t0
+        return teacher
 
-        student = Student(c.solver, self.sigmas, c.afs, c.plugin_order, c.rollout, c.bptt)
-        loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight,
-                           sigmas=self.sigmas)
-        data = TrainData(x0, teacher, val_x0, val_teacher, offset=lo, total=c.trajectories)
-        resuming = resume and checkpoint is not None and Path(checkpoint).exists()
-        tables, restarts = self.initial_tables(student, loss, data, init_from, skip=resuming)
-        trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, checkpoint, checkpoint_every,
-                          self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}",
-                          data_parallel=self.data_parallel)
-        outcome = trainer.run(resume=resume)
+    def _grid_note(self) -> str:
+        if len(self.grids) == 1:
+            return ""
+        kw = "".join(f" {k}={v:g}" for k, v in self.schedule_kwargs.items())
+        return f" on the {self.schedule}{kw} grid"
+
+    def _select_grid(self, runs: list[dict[str, Any]], outcomes: list[Any]) -> tuple[int, dict[str, Any]]:
+        """The candidate grid with the lowest validation error (ties: the earlier one)."""
+        rows = [{"schedule": run["grid"][0], "schedule_kwargs": run["grid"][1], "sigmas": run["sigmas"].tolist(),
+                 "teacher_points": run["spec"].points, "val_rmse": out.best_val}
+                for run, out in zip(runs, outcomes)]
+        best = min(range(len(runs)), key=lambda j: (rows[j]["val_rmse"], j))
+        for j, row in enumerate(rows):
+            row["chosen"] = j == best
+        self.use_grid(*runs[best]["grid"])
+        self.teacher_spec = runs[best]["spec"]
+        self.log("grid chosen by validation: " + ", ".join(
+            f"{r['schedule']}{''.join(f' {k}={v:g}' for k, v in r['schedule_kwargs'].items())} "
+            f"{r['val_rmse']:.4g}{' <-' if r['chosen'] else ''}" for r in rows))
+        return best, {"candidates": rows}
+
+    def _run(self, checkpoint, checkpoint_every, resume, init_from, on_iteration, t0) -> EPDParams:
+        c = self.cfg
+        val_x0 = self.starts(self.val_seeds)
+        lo, hi = self.shard
+        own = SeedRange(self.train_seeds.start + lo, hi - lo)
+        x0 = self.starts(own)
+        paths = checkpoint_paths(checkpoint, len(self.grids))
+        runs, outcomes = [], []
+        for grid, path in zip(self.grids, paths):  # each candidate grid trains in full, one after another
+            resuming = resume and path is not None and path.exists()
+            run = self._prepare(grid, val_x0, x0, own, init_from, resuming)
+            trainer = run["trainer"]
+            trainer.on_iteration = on_iteration
+            if path is not None:
+                trainer.checkpoint, trainer.checkpoint_every = path, max(1, int(checkpoint_every))
+            runs.append(run)
+            outcomes.append(trainer.run(resume=resume))
+            run["trainer"] = None  # its training data is no longer needed
+        selection = None
+        if len(runs) > 1:
+            best, selection = self._select_grid(runs, outcomes)
+        else:
+            best = 0
+        run, outcome = runs[best], outcomes[best]
+        spec, conv, student, loss, tables = run["spec"], run["conv"], run["student"], run["loss"], run["tables"]
+        restarts, val_teacher = run["restarts"], run["val_teacher"]
         tables.load_raw_(outcome.best_raw)
-        t_train = time.perf_counter() - t0 - t_teacher
+        t_train = time.perf_counter() - t0 - self.teacher_seconds
 
         validation = self.compare(student, tables, val_x0, val_teacher) if c.compare else None
         seconds = time.perf_counter() - t0
         meta = {
-            "schedule": c.schedule, "schedule_kwargs": c.schedule_kwargs, "model_id": self.model_id,
+            "schedule": self.schedule, "schedule_kwargs": self.schedule_kwargs, "model_id": self.model_id,
             "model_kind": getattr(self.model, "kind", "callable"), "recipe": c.recipe,
             "teacher": spec.as_dict(), "teacher_nfe": self.teacher_nfe_of(spec), "teacher_convergence": conv,
-            "teacher_total_nfe": self.teacher_nfe_of(spec) * (c.trajectories + c.val_trajectories),
+            "teacher_total_nfe": sum(self.teacher_nfe_of(r["spec"]) for r in runs) * (c.trajectories + c.val_trajectories),
             "loss": loss.describe(), "config": c.as_dict(), "dtype": str(self.dtype),
             "data_parallel": {"processes": self.processes},
             "seeds": {"train": [self.train_seeds.start, self.train_seeds.count],
@@ -311,11 +373,13 @@ class DistillRun:
                          "init_val_rmse": outcome.init_val, "last_val_rmse": outcome.final_val,
                          "iterations": outcome.iterations, "nonfinite_skipped": outcome.nonfinite_skipped,
                          "history": outcome.history, "resumed_from": outcome.resumed_from},
-            "timing": {"teacher_s": t_teacher, "train_s": t_train, "total_s": seconds,
+            "timing": {"teacher_s": self.teacher_seconds, "train_s": t_train, "total_s": seconds,
                        "teacher_evaluations_this_run": self.teacher_evaluations,
                        "cache_hits": self.cache.hits, "cache_misses": self.cache.misses},
             "validation": validation,
         }
+        if selection is not None:
+            meta["grid_selection"] = selection
         if outcome.nonfinite_skipped:
             self.log(f"{outcome.nonfinite_skipped} update(s) skipped: non-finite loss or gradient")
         grid = self.sigmas
@@ -387,8 +451,17 @@ class DistillRun:
     @property
     def teacher_id(self) -> str:
         spec = self.teacher_spec
-        fine = teacher_grid(self.sigmas, spec, self.cfg.schedule, self.cfg.schedule_kwargs)
+        fine = teacher_grid(self.sigmas, spec, self.schedule, self.schedule_kwargs)
         return json.dumps(self._teacher_key(spec, fine), sort_keys=True)
+
+
+def checkpoint_paths(checkpoint: str | os.PathLike | None, grids: int) -> list[Path | None]:
+    """The checkpoint file of each candidate grid: ``checkpoint`` itself for one grid, else
+    ``<checkpoint>.grid0``, ``.grid1``, ..."""
+    if checkpoint is None:
+        return [None] * grids
+    path = Path(checkpoint)
+    return [path] if grids == 1 else [path.with_name(f"{path.name}.grid{j}") for j in range(grids)]
 
 
 def report_line(v: dict[str, Any]) -> str:

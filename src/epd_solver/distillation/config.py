@@ -15,11 +15,16 @@ from .losses import LOSSES
 from .student import BPTT_MODES, ROLLOUTS, SOLVERS
 from .teacher import SUBGRIDS
 
-__all__ = ["DistillConfig", "RECIPES", "OPTIMIZERS", "recipe_defaults", "make_config"]
+__all__ = ["DistillConfig", "RECIPES", "OPTIMIZERS", "GRID_CANDIDATES", "recipe_defaults", "make_config"]
 
 OPTIMIZERS = ("adam", "lbfgs")
 RECIPES = ("default", "official", "amed")
 AUTO = "auto"
+# schedule="auto": the student grids tried, each trained in full; the lowest validation error wins. The paper's
+# time-uniform grid, and polynomial rho = 2 for models whose mode decisions need steps at high noise (where a
+# gradient cannot move the grid: a sample ending in the wrong mode is a discrete event). Measurements:
+# benchmarks/results/distill_recipes_synthetic.md and _digits.md.
+GRID_CANDIDATES: tuple[tuple[str, dict[str, float]], ...] = (("time_uniform", {}), ("polynomial", {"rho": 2.0}))
 
 
 @dataclasses.dataclass
@@ -84,6 +89,13 @@ class DistillConfig:
                              "step minus 1 with AFS (odd Para.NFE needs AFS, even needs none)")
         if self.nfe + int(self.afs) < 2:
             raise ValueError("need at least one step")
+        from ..schedules import SCHEDULES
+
+        if self.schedule != AUTO and self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {(AUTO, *SCHEDULES)}")
+        if self.schedule == AUTO and self.schedule_kwargs:
+            raise ValueError(f"schedule='auto' chooses among {GRID_CANDIDATES}: it takes no schedule_kwargs, "
+                             f"got {self.schedule_kwargs}")
         if self.learn_grid and (self.loss != "final" or self.parameterization == "paper"):
             raise ValueError("learn_grid needs loss='final' (the teacher's intermediate states sit on the fixed "
                              "grid) and a grid-free parameterisation ('ordered' or 'official')")
@@ -150,7 +162,7 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
         return dict(base, schedule="time_uniform", schedule_kwargs={}, teacher_points=1,
                     rollout="teacher_forced", bptt="detached", plugin_order=None)
     # default: see benchmarks/results/distill_recipes_digits.md and _synthetic.md
-    return dict(schedule="time_uniform", schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
+    return dict(schedule=AUTO, schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
                 init="deterministic", scale_dir=0.05, scale_time=0.05, teacher="dpm_2", teacher_points=AUTO,
                 teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
                 lr_floor=0.0, trajectories=512, batch=128, lbfgs_rounds=4, lbfgs_iterations=15, progressive=True,

@@ -50,8 +50,8 @@ def _sigma(t: Any, x: torch.Tensor, name: str) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
-    if not float(t) > 0:
-        raise ValueError(f"{name} must be positive, got {float(t)}")
+    if not float(t.detach()) > 0:  # detach: a learned grid (learn_grid) passes sigmas that carry gradients
+        raise ValueError(f"{name} must be positive, got {float(t.detach())}")
     return t
 
 
