@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from epd_solver.distillation import default_cache_dir, distill
 from epd_solver.distillation.api import report_line
 from epd_solver.epd import EPDParams
@@ -37,10 +39,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(PARAMS_DIR))
     ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--force", action="store_true", help="replace existing files")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (the committed files: 1; the order of floating-point sums can change a table)")
     ap.add_argument("--from-bench", action="store_true",
                     help="take tables that benchmarks/distill_recipes.py already distilled with the same recipe and "
                          "seeds (kept in CACHE/bench_params) instead of distilling again")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
