@@ -297,8 +297,12 @@ def test_cli_refuses_overwrite_and_reports_a_crippled_run(tmp_path, capsys):
     assert main(common + ["--out", str(fresh), "--resume", "--allow-worse"]) == 0
     p = EPDParams.load(fresh)
     assert p.meta["validation"]["better"] is False and p.meta["validation"]["reference"] == "exact"
+    v = p.meta["validation"]
+    lo, hi = v["ratio_interval"]
+    assert lo <= v["ratio"] <= hi and v["conclusive"] == (hi < 1 or lo > 1)
     chosen = p.meta["schedule"] + "".join(f" {k}={v:g}" for k, v in p.meta["schedule_kwargs"].items())
-    assert f"{chosen} grid (chosen)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{chosen} grid (chosen)" in out and f"95 % bootstrap interval {lo:.3f}-{hi:.3f}" in out
     assert not any(path.exists() for path in kept)  # written: the checkpoints are removed
     assert main(common + ["--out", str(fresh)]) == 2  # exists now
 

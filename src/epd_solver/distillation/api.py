@@ -15,13 +15,13 @@ import torch
 from ..epd import EPDParams, EPDTables
 from .cache import DiskCache, default_cache_dir, model_fingerprint
 from .config import AUTO, GRID_CANDIDATES, DistillConfig, make_config
-from .losses import DistillLoss
+from .losses import DistillLoss, sample_mse
 from .noise import VALIDATION_SEED_BASE, SeedRange, start_states
 from .grid import GridTables
 from .student import Student
 from .teacher import TeacherSpec, convergence, grid_key, refined_spec, run_teacher, teacher_grid
 from .train import TrainData, Trainer
-from .validate import exact_reference, is_exact_problem, rmse, run_baselines, score_baselines
+from .validate import exact_reference, is_exact_problem, ratio_interval, rmse, run_baselines, score_baselines
 
 __all__ = ["distill", "DistillRun", "checkpoint_paths", "TRAIN_SEED_STRIDE", "CONVERGENCE_SUBSET"]
 
@@ -445,6 +445,13 @@ class DistillRun:
                    baseline_rmse=best[f"rmse_{ref}"])
         out["better"] = bool(out["student_rmse"] < out["baseline_rmse"])
         out["ratio"] = out["student_rmse"] / out["baseline_rmse"] if out["baseline_rmse"] > 0 else math.inf
+        if out["baseline_rmse"] > 0:  # how sure: the paired bootstrap over the held-out noises
+            rows = self._field if self._field is not None else run_baselines(
+                self.model, val_x0, c.nfe, self.sigma_min, self.sigma_max, self.extra_args, solvers=[best["solver"]])
+            base_end = next(r["output"] for r in rows if r["label"] == best["label"])
+            target = refs[ref][1]
+            lo, hi = ratio_interval(sample_mse(end, target), sample_mse(base_end, target))
+            out.update(ratio_interval=[lo, hi], conclusive=bool(hi < 1 or lo > 1))
         self.log(report_line(out))
         return out
 
@@ -471,7 +478,15 @@ def report_line(v: dict[str, Any]) -> str:
     return (f"validation ({v['noises']} held-out noises, RMSE to the {v['reference']} end point): distilled "
             f"{v['student_rmse']:.4g} at Para.NFE {v['para_nfe']} ({v['evaluations']} evaluations) vs best "
             f"training-free {b['label']} {v['baseline_rmse']:.4g} ({b['evaluations']:g} evaluations): {verdict}, "
-            f"ratio {v['ratio']:.3f}")
+            f"ratio {v['ratio']:.3f}" + _interval_note(v))
+
+
+def _interval_note(v: dict[str, Any]) -> str:
+    if "ratio_interval" not in v:
+        return ""
+    lo, hi = v["ratio_interval"]
+    return (f" (95 % bootstrap interval {lo:.3f}-{hi:.3f}" + ("" if v["conclusive"] else
+            ": inconclusive on these noises, more --val-trajectories would tell") + ")")
 
 
 def warm_start(tables: EPDTables, source: Any) -> None:

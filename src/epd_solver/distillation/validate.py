@@ -17,7 +17,7 @@ from ..sampling import get_sampler, grid_points_for_nfe, list_samplers, sampler_
 from ..schedules import get_sigmas
 
 __all__ = ["SWEEP_SCHEDULES", "BaselineConfig", "baseline_configs", "run_baselines", "score_baselines", "rmse", "rmse_per_sample",
-           "is_exact_problem", "exact_reference"]
+           "ratio_interval", "is_exact_problem", "exact_reference"]
 
 SWEEP_SCHEDULES: dict[str, tuple[str, dict[str, Any]]] = {
     "polynomial7": ("polynomial", {"rho": 7.0}),
@@ -33,6 +33,27 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def rmse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(torch.float64) - b.to(torch.float64)).pow(2).reshape(a.shape[0], -1).mean(1).sqrt()
+
+
+def ratio_interval(err_a: torch.Tensor, err_b: torch.Tensor, level: float = 0.95, draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Paired percentile-bootstrap interval of RMSE_a / RMSE_b from per-sample mean squared errors.
+
+    The noises are resampled with replacement (the same indices for both solvers); the interval holds the
+    central ``level`` of the resampled ratios. Wide when a few samples carry most of the error (e.g. samples
+    ending in another mode): then the verdict needs more held-out noises.
+    """
+    a, b = err_a.to(torch.float64).reshape(-1), err_b.to(torch.float64).reshape(-1)
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"need two non-empty per-sample error vectors of one length, got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    idx = torch.randint(a.numel(), (draws, a.numel()), generator=torch.Generator().manual_seed(seed))
+    ratios = (a[idx].mean(1) / b[idx].mean(1)).sqrt()
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(ratios, q).tolist()
+    return lo, hi
 
 
 @dataclasses.dataclass(frozen=True)
