@@ -284,11 +284,13 @@ def test_cli_refuses_overwrite_and_reports_a_crippled_run(tmp_path, capsys):
     assert main(["distill", "--model", "gmm:digits", "--nfe", "3", "--out", str(out)]) == 2
     assert out.read_bytes() == b"keep me"
     assert "--force" in capsys.readouterr().err
+    fresh = tmp_path / "q.safetensors"
+    assert main(["distill", "--model", "gmm:digits", "--nfe", "3", "--rho", "3", "--out", str(fresh)]) == 2
+    assert "--rho needs --schedule polynomial or time_uniform" in capsys.readouterr().err
 
     common = ["distill", "--model", "gmm:digits", "--nfe", "3", "--cache-dir", str(tmp_path / "c"), "--quiet",
               "--trajectories", "1", "--lbfgs-rounds", "1", "--lbfgs-iterations", "1", "--val-trajectories", "16",
               "--teacher-points", "3"]
-    fresh = tmp_path / "q.safetensors"
     assert main(common + ["--out", str(fresh)]) == 3  # one trajectory, one iteration: worse than the baselines
     captured = capsys.readouterr()
     assert "NOT better" in captured.out + captured.err and not fresh.exists()

@@ -127,6 +127,9 @@ def _run(args, main: bool) -> int:
                    feature_weight=args.feature_weight, rollout=args.rollout, bptt=args.bptt,
                    val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed)
     if args.rho is not None:
+        if args.schedule in (None, "auto"):
+            raise ValueError("--rho needs --schedule polynomial or time_uniform (the default recipe's grid is "
+                             "'auto': it chooses between time_uniform and polynomial rho 2)")
         options["schedule_kwargs"] = {"rho": args.rho}
     from ..resolve import import_callable
 
