@@ -293,6 +293,7 @@ class DistillRun:
         trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, None, 50,
                           self.progress, None, run_key=f"{self.fingerprint}:{spec.points}{grid_key_}",
                           data_parallel=self.data_parallel)
+        trainer.label = self._grid_note()
         return dict(grid=grid, sigmas=self.sigmas, spec=spec, conv=conv, val_teacher=val_teacher, student=student,
                     loss=loss, tables=tables, restarts=restarts, trainer=trainer)
 

@@ -109,6 +109,7 @@ class Trainer:
         self.nonfinite = 0
         self.history: list[dict[str, float]] = []
         self.running = math.nan
+        self.label = ""  # shown after the progress bar's title (e.g. which candidate grid)
 
     # -- pieces ---------------------------------------------------------------------------------------
     def validate(self) -> float:
@@ -193,7 +194,7 @@ class Trainer:
 
     def _bar(self, total: int, unit: str):
         return tqdm(total=total, initial=self.iteration, disable=not (self.progress and self.main),
-                    desc=f"distill {self.cfg.solver} NFE {self.cfg.nfe}", unit=unit, dynamic_ncols=True, leave=False)
+                    desc=f"distill {self.cfg.solver} NFE {self.cfg.nfe}{self.label}", unit=unit, dynamic_ncols=True, leave=False)
 
     def _postfix(self, bar) -> None:
         bar.set_postfix(loss=f"{self.running:.3e}", val=f"{self.history[-1]['val_rmse']:.4g}",
