@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from epd_solver.distillation import DistillRun, DiskCache, default_cache_dir, distill, make_config, model_fingerprint
-from epd_solver.distillation.config import GRID_CANDIDATES
+from epd_solver.distillation.config import AUTO, GRID_CANDIDATES
 from epd_solver.distillation.noise import TEST_SEED_BASE, SeedRange, start_states
 from epd_solver.distillation.validate import exact_reference, rmse, run_baselines, score_baselines
 from epd_solver.epd import sample_epd
@@ -114,7 +114,7 @@ class Bench:
         key = {"problem": problem, "variant": variant, "nfe": nfe, "model": model_fingerprint(model),
                "solver": solver, "recipe": recipe, "overrides": overrides, "seeds": [seeds.start, seeds.count],
                "version": 4}
-        if make_config(solver, nfe, recipe, **{k: v for k, v in overrides.items() if k != "init_from"}).schedule == "auto":
+        if make_config(solver, nfe, recipe, **{k: v for k, v in overrides.items() if k != "init_from"}).schedule == AUTO:
             key["grids"] = [[name, kw] for name, kw in GRID_CANDIDATES]  # the grid is chosen among these
         hit = None if refresh else self.cache.load_json("bench_cells", key)
         if hit is not None:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["polynomial", "logsnr", "time_uniform", "discrete", "flowmatch", "get_sigmas", "SCHEDULES",
+__all__ = ["polynomial", "logsnr", "time_uniform", "discrete", "flowmatch", "get_sigmas", "schedule_label", "SCHEDULES",
            "vp_beta_fit"]
 
 
@@ -120,6 +120,12 @@ SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "discrete": discrete,
     "flowmatch": flowmatch,
 }
+
+
+def schedule_label(schedule: str, kwargs: dict | None = None) -> str:
+    """A grid's name for messages: ``polynomial rho=2``, ``time_uniform``."""
+    return schedule + "".join(f" {k}={v:g}" if isinstance(v, (int, float)) else f" {k}=<{type(v).__name__}>"
+                              for k, v in (kwargs or {}).items())
 
 
 def get_sigmas(schedule: str, n: int, sigma_min: float | None = None, sigma_max: float | None = None,

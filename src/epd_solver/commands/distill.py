@@ -150,9 +150,11 @@ def _run(args, main: bool) -> int:
     v = params.meta.get("validation") or {}
     t = params.meta["timing"]
     nfe = params.nfe()
-    kw = "".join(f" {k}={v:g}" for k, v in params.meta["schedule_kwargs"].items())
+    from ..schedules import schedule_label
+
+    grid = schedule_label(params.meta["schedule"], params.meta["schedule_kwargs"])
     print(f"{params.solver} K={params.k} Para.NFE {nfe['para_nfe']} ({nfe['evaluations']} evaluations per sample), "
-          f"{params.meta['schedule']}{kw} grid{' (chosen)' if 'grid_selection' in params.meta else ''}, "
+          f"{grid} grid{' (chosen)' if 'grid_selection' in params.meta else ''}, "
           f"teacher {params.meta['teacher']['solver']} M={params.meta['teacher']['points']} "
           f"({params.meta['teacher_nfe']} NFE), {t['total_s']:.1f} s (teacher {t['teacher_s']:.1f} s)"
           + (f", data parallel over {world} processes" if world > 1 else ""))

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..epd import EPDParams, EPDTables
+from ..schedules import schedule_label
 from .cache import DiskCache, default_cache_dir, model_fingerprint
 from .config import AUTO, GRID_CANDIDATES, DistillConfig, make_config
 from .losses import DistillLoss, sample_mse
@@ -273,7 +274,8 @@ class DistillRun:
         return params
 
     def _prepare(self, grid: tuple[str, dict[str, Any]], val_x0: torch.Tensor, x0: torch.Tensor,
-                 own: SeedRange, init_from: Any, resuming: bool) -> dict[str, Any]:
+                 own: SeedRange, init_from: Any, resume: bool, checkpoint: Path | None, checkpoint_every: int,
+                 on_iteration) -> dict[str, Any]:
         """Teacher, student, loss, starting tables and trainer on one student grid (made current)."""
         c = self.cfg
         self.use_grid(*grid)
@@ -288,12 +290,12 @@ class DistillRun:
         loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight,
                            sigmas=self.sigmas)
         data = TrainData(x0, teacher, val_x0, val_teacher, offset=self.shard[0], total=c.trajectories)
+        resuming = resume and checkpoint is not None and checkpoint.exists()
         tables, restarts = self.initial_tables(student, loss, data, init_from, skip=resuming)
-        grid_key_ = f":{self.schedule}{json.dumps(self.schedule_kwargs, sort_keys=True)}" if len(self.grids) > 1 else ""
-        trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, None, 50,
-                          self.progress, None, run_key=f"{self.fingerprint}:{spec.points}{grid_key_}",
-                          data_parallel=self.data_parallel)
-        trainer.label = self._grid_note()
+        grid_tag = f":{self.schedule}{json.dumps(self.schedule_kwargs, sort_keys=True)}" if len(self.grids) > 1 else ""
+        trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, checkpoint, checkpoint_every,
+                          self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}{grid_tag}",
+                          data_parallel=self.data_parallel, label=self._grid_note())
         return dict(grid=grid, sigmas=self.sigmas, spec=spec, conv=conv, val_teacher=val_teacher, student=student,
                     loss=loss, tables=tables, restarts=restarts, trainer=trainer)
 
@@ -312,8 +314,7 @@ class DistillRun:
     def _grid_note(self) -> str:
         if len(self.grids) == 1:
             return ""
-        kw = "".join(f" {k}={v:g}" for k, v in self.schedule_kwargs.items())
-        return f" on the {self.schedule}{kw} grid"
+        return f" on the {schedule_label(self.schedule, self.schedule_kwargs)} grid"
 
     def _select_grid(self, runs: list[dict[str, Any]], outcomes: list[Any]) -> tuple[int, dict[str, Any]]:
         """The candidate grid with the lowest validation error (ties: the earlier one)."""
@@ -326,8 +327,8 @@ class DistillRun:
         self.use_grid(*runs[best]["grid"])
         self.teacher_spec = runs[best]["spec"]
         self.log("grid chosen by validation: " + ", ".join(
-            f"{r['schedule']}{''.join(f' {k}={v:g}' for k, v in r['schedule_kwargs'].items())} "
-            f"{r['val_rmse']:.4g}{' <-' if r['chosen'] else ''}" for r in rows))
+            f"{schedule_label(r['schedule'], r['schedule_kwargs'])} {r['val_rmse']:.4g}{' <-' if r['chosen'] else ''}"
+            for r in rows))
         return best, {"candidates": rows}
 
     def _run(self, checkpoint, checkpoint_every, resume, init_from, on_iteration, t0) -> EPDParams:
@@ -339,15 +340,9 @@ class DistillRun:
         paths = checkpoint_paths(checkpoint, len(self.grids))
         runs, outcomes = [], []
         for grid, path in zip(self.grids, paths):  # each candidate grid trains in full, one after another
-            resuming = resume and path is not None and path.exists()
-            run = self._prepare(grid, val_x0, x0, own, init_from, resuming)
-            trainer = run["trainer"]
-            trainer.on_iteration = on_iteration
-            if path is not None:
-                trainer.checkpoint, trainer.checkpoint_every = path, max(1, int(checkpoint_every))
+            run = self._prepare(grid, val_x0, x0, own, init_from, resume, path, checkpoint_every, on_iteration)
             runs.append(run)
-            outcomes.append(trainer.run(resume=resume))
-            run["trainer"] = None  # its training data is no longer needed
+            outcomes.append(run.pop("trainer").run(resume=resume))  # its training data is not needed after
         selection = None
         if len(runs) > 1:
             best, selection = self._select_grid(runs, outcomes)

@@ -84,12 +84,13 @@ class Trainer:
                  loss: DistillLoss, data: TrainData, extra_args: dict[str, Any] | None = None,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50, progress: bool = True,
                  on_iteration: Callable[[int, dict[str, float]], None] | None = None, run_key: str = "",
-                 data_parallel: bool = False):
+                 data_parallel: bool = False, label: str = ""):
         self.model, self.cfg, self.student, self.tables, self.loss = model, cfg, student, tables, loss
         self.data, self.extra_args = data, extra_args
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.progress, self.on_iteration = progress, on_iteration
+        self.label = label  # shown after the progress bar's title (e.g. which candidate grid)
         self.key = f"{config_hash(cfg)}:{run_key}"
         self.params = [p for p in tables.parameters() if p.requires_grad]
         self.n = data.total if data.total is not None else data.x0.shape[0]
@@ -109,7 +110,6 @@ class Trainer:
         self.nonfinite = 0
         self.history: list[dict[str, float]] = []
         self.running = math.nan
-        self.label = ""  # shown after the progress bar's title (e.g. which candidate grid)
 
     # -- pieces ---------------------------------------------------------------------------------------
     def validate(self) -> float:
