@@ -1,7 +1,7 @@
 """One EPD distillation on the synthetic d = 3072 mixture with chosen grid and options, scored on the 2000
 held-out test noises of ``distill_recipes.py`` (the same test set, from the same cache; computed if missing).
 
-    python benchmarks/synthetic_probe.py NFE SCHEDULE '{"rho": 3.0}' '{"trajectories": 2048}'
+    python benchmarks/synthetic_probe.py NFE SCHEDULE '{"rho": 3.0}' '{"trajectories": 2048}' [SAVE_PATH]
 
 Prints the (learned or chosen) grid, the test RMSE, the share of test samples that end nearer another
 mixture component's mean than the exact end point does ("wrong component") with the RMSE over the
@@ -33,6 +33,8 @@ def main(argv: list[str]) -> None:
     m, _, x0, y = Bench(Path(default_cache_dir())).test_set("synthetic", TEST_NOISES["synthetic"])
     n = x0.shape[0]
     p = distill(m, "epd", nfe, schedule=schedule, schedule_kwargs=kwargs, **extra)
+    if len(argv) > 4:
+        p.save(argv[4])  # e.g. for synthetic_population.py --params
     with torch.no_grad():
         e = torch.cat([sample_epd(m, x0[i:i + 500], p.sigmas, p) for i in range(0, n, 500)])
     v = p.meta["validation"]
