@@ -13,7 +13,7 @@ configuration of each Para.NFE on a larger set of fresh noises
 
 The reference on the large set is Heun on a 120-point logSNR grid (238 evaluations), checked here against
 the exact DOP853 end points of the test noises (its RMSE and flips there are printed and written).
-Extra parameter files (``--params label=path``) are scored beside the default ones.
+Extra parameter files (``--params 'NFE 5 label=path'``) are scored beside the default ones of their NFE.
 
     python benchmarks/synthetic_population.py                # ~6 min on 2 cores with an empty cache
 """
