@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 from distill_recipes import PROBLEMS, TEST_NOISES, Bench
+from synthetic_probe import nearest
 
 from epd_solver.distillation import default_cache_dir, model_fingerprint
+from epd_solver.distillation.losses import sample_mse
 from epd_solver.distillation.noise import TEST_SEED_BASE, SeedRange, start_states
 from epd_solver.distillation.validate import baseline_configs, ratio_interval
 from epd_solver.epd import EPDParams, sample_epd
@@ -44,10 +46,19 @@ CLUSTERS = 2  # synthetic_mixture's default: component k belongs to cluster k % 
 CANDIDATES = 5  # the best training-free configurations on the test noises, rescored on the large set
 
 
-def reference(model, x0: torch.Tensor) -> torch.Tensor:
+def reference(bench: Bench, model, seeds: SeedRange, x0: torch.Tensor) -> torch.Tensor:
+    """The REFERENCE end points of ``x0`` (drawn from ``seeds``), cached."""
+    key = {"model": model_fingerprint(model), "reference": list(REFERENCE)}
+    hit = bench.cache.load("fine_reference", key, seeds)
+    if hit is not None:
+        return hit["x"]
+    t = time.perf_counter()
+    bench.log(f"reference {REFERENCE} on {seeds.count} noises ...")
     solver, schedule, n = REFERENCE
-    s = get_sigmas(schedule, n, model.sigma_min, model.sigma_max)
-    return run(get_sampler(solver), model, x0, s)
+    y = run(get_sampler(solver), model, x0, get_sigmas(schedule, n, model.sigma_min, model.sigma_max))
+    bench.cache.save("fine_reference", key, seeds, {"x": y})
+    bench.log(f"  {time.perf_counter() - t:.0f} s")
+    return y
 
 
 def run(sampler, model, x0, sigmas, **knobs) -> torch.Tensor:
@@ -56,13 +67,8 @@ def run(sampler, model, x0, sigmas, **knobs) -> torch.Tensor:
                           for i in range(0, x0.shape[0], 1000)])
 
 
-def per_sample(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return (out - ref).pow(2).flatten(1).mean(1)
-
-
 def flips(model, out: torch.Tensor, ref: torch.Tensor) -> dict[str, int]:
-    near = lambda z: torch.cdist(z.flatten(1), model.means).argmin(1)  # noqa: E731
-    a, b = near(out), near(ref)
+    a, b = nearest(model, out), nearest(model, ref)
     cross = (a % CLUSTERS) != (b % CLUSTERS)
     return {"cross": int(cross.sum()), "intra": int(((a != b) & ~cross).sum()), "keep": ~cross}
 
@@ -70,7 +76,7 @@ def flips(model, out: torch.Tensor, ref: torch.Tensor) -> dict[str, int]:
 def score(name: str, model, outs: dict[str, torch.Tensor], refs: dict[str, torch.Tensor], base: dict) -> dict:
     row = {"solver": name}
     for where, out in outs.items():
-        e = per_sample(out, refs[where])
+        e = sample_mse(out, refs[where])
         f = flips(model, out, refs[where])
         keep = f.pop("keep")
         row[where] = dict(rmse=float(e.mean().sqrt()), rmse_same_cluster=float(e[keep].mean().sqrt()), **f)
@@ -96,21 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     model, test_seeds, x_test, y_test = bench.test_set("synthetic", TEST_NOISES["synthetic"])
     seeds = SeedRange(SEED_START, args.noises)
     x_big = start_states(model.prior_scale, model.shape, seeds)
-    key = {"model": model_fingerprint(model), "reference": list(REFERENCE)}
-    hit = bench.cache.load("fine_reference", key, seeds)
-    if hit is None:
-        t = time.perf_counter()
-        log(f"reference ({REFERENCE}) on {args.noises} noises ...")
-        y_big = reference(model, x_big)
-        bench.cache.save("fine_reference", key, seeds, {"x": y_big})
-        log(f"  {time.perf_counter() - t:.0f} s")
-    else:
-        y_big = hit["x"]
-    check = reference(model, x_test)
+    y_big = reference(bench, model, seeds, x_big)
+    check = reference(bench, model, test_seeds, x_test)  # the reference against the exact end points
     f = flips(model, check, y_test)
     report = {"problem": PROBLEMS["synthetic"], "test_noises": x_test.shape[0], "large_noises": args.noises,
               "large_seeds": [seeds.start, seeds.count], "reference": list(REFERENCE),
-              "reference_vs_exact_on_test": {"rmse": float(per_sample(check, y_test).mean().sqrt()),
+              "reference_vs_exact_on_test": {"rmse": float(sample_mse(check, y_test).mean().sqrt()),
                                              "cross": f["cross"], "intra": f["intra"]}, "rows": []}
     log(f"reference vs exact on the test noises: {report['reference_vs_exact_on_test']}")
     refs = {"test": y_test, "large": y_big}
@@ -126,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             sig = cfg.sigmas(model.sigma_min, model.sigma_max)
             outs[r["label"]] = {w: run(get_sampler(cfg.solver), model, x, sig, **dict(cfg.knobs))
                                 for w, x in starts.items()}
-        best = {w: min(outs, key=lambda lab: float(per_sample(outs[lab][w], refs[w]).mean())) for w in refs}
-        base = {w: per_sample(outs[best[w]][w], refs[w]) for w in refs}
+        errs = {lab: {w: sample_mse(o[w], refs[w]) for w in refs} for lab, o in outs.items()}
+        best = {w: min(errs, key=lambda lab: float(errs[lab][w].mean())) for w in refs}
+        base = {w: errs[best[w]][w] for w in refs}
         row = score("best training-free", model, {w: outs[best[w]][w] for w in refs}, refs, None)
         for w in refs:
             row[w]["label"] = best[w]
