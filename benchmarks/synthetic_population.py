@@ -86,6 +86,15 @@ def score(name: str, model, outs: dict[str, torch.Tensor], refs: dict[str, torch
     return row
 
 
+def parse_params(text: str, ap: argparse.ArgumentParser) -> tuple[int, str, Path]:
+    """'NFE n label=path' -> (n, label, path)."""
+    head, sep, path = text.rpartition("=")
+    words = head.split(maxsplit=2)
+    if not sep or len(words) < 3 or words[0] != "NFE" or not words[1].isdigit() or not path:
+        ap.error(f"--params takes 'NFE n label=path', got {text!r}")
+    return int(words[1]), words[2], Path(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nfe", nargs="+", type=int, default=[3, 5, 7, 9])
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"reference vs exact on the test noises: {report['reference_vs_exact_on_test']}")
     refs = {"test": y_test, "large": y_big}
     starts = {"test": x_test, "large": x_big}
-    extra = [p.rsplit("=", 1) for p in args.params]
+    extra = [parse_params(p, ap) for p in args.params]  # (nfe, label, path)
     for nfe in args.nfe:
         field = sorted(bench.baselines("synthetic", model, test_seeds, x_test, y_test, nfe),
                        key=lambda r: r["rmse_exact"])[:CANDIDATES]
@@ -131,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             row[w]["label"] = best[w]
         rows = [dict(row, kind="best training-free")]
         files = [("default recipe", bench._params_path(model, "epd", nfe))]
-        files += [(label.split(maxsplit=2)[2], Path(path)) for label, path in extra
-                  if label.split()[:2] == ["NFE", str(nfe)]]
+        files += [(label, path) for n, label, path in extra if n == nfe]
         for label, path in files:
             p = EPDParams.load(path)
             o = {w: torch.cat([sample_epd(model, x[i:i + 1000], p.sigmas, p) for i in range(0, x.shape[0], 1000)])
