@@ -34,6 +34,33 @@ def test_deterministic_init(kind, k):
     assert torch.equal(c, torch.ones(4, k, dtype=F64)) and torch.equal(a, torch.ones(4, k, dtype=F64))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_end_init(kind, k):
+    """init="end": every step but the last mostly at its end, the last near its start (documented values)."""
+    r, lam, c, a = (v.detach() for v in make(kind, k=k, init="end").natural())
+    if k == 1:
+        inner, last, w_inner, w_last = [0.99], [0.25], [1.0], [1.0]
+    else:
+        inner = [0.5 + 0.49 * j / (k - 1) for j in range(k)]
+        last = [0.01 + 0.24 * j / (k - 1) for j in range(k)]
+        w_inner = [0.1 / (k - 1)] * (k - 1) + [0.9]
+        w_last = [0.8] + [0.2 / (k - 1)] * (k - 1)
+    for got, want in ((r[:-1], inner), (r[-1:], last), (lam[:-1], w_inner), (lam[-1:], w_last)):
+        assert (got - torch.tensor(want, dtype=F64)).abs().max() <= 1e-12
+    assert (c - 1).abs().max() <= 1e-12 and (a - 1).abs().max() <= 1e-12
+
+
+def test_unknown_init_is_refused():
+    from epd_solver.distillation import make_config
+
+    with pytest.raises(ValueError, match="unknown init 'late'"):
+        make("ordered", init="late")
+    with pytest.raises(ValueError, match="init must be one of .*'end'.*got 'late'"):  # before any teacher runs
+        make_config("epd", 5, init="late")
+    assert make_config("epd", 5, init="end").init == "end"
+
+
 def test_ordered_positions_strictly_increase():
     for seed, scale in ((0, 1.0), (1, 5.0), (2, 15.0)):
         r = scramble(make("ordered", steps=6, k=3), scale, seed).natural()[0]

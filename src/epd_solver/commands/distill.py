@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
     g.add_argument("--rho", type=float, help="schedule exponent (polynomial, time_uniform)")
     g.add_argument("--plugin-order", type=int, help="Adams-Bashforth order of the plugin solvers")
     g.add_argument("--parameterization", choices=["ordered", "official", "paper"])
-    g.add_argument("--init", choices=["deterministic", "randn"])
+    g.add_argument("--init", choices=["deterministic", "randn", "end"],
+                   help="tables' start: deterministic r = k/(K+1) (the default recipe's); randn (official); end: "
+                        "every step but the last evaluated near its end, the last near its start")
     g.add_argument("--init-from", help="warm start from a parameter file (same or neighbouring NFE)")
     g.add_argument("--scale-dir", type=float, help="bound s_d of the direction scales")
     g.add_argument("--scale-time", type=float, help="bound s_t of the time scales")

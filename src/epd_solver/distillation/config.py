@@ -99,8 +99,11 @@ class DistillConfig:
         if self.learn_grid and (self.loss != "final" or self.parameterization == "paper"):
             raise ValueError("learn_grid needs loss='final' (the teacher's intermediate states sit on the fixed "
                              "grid) and a grid-free parameterisation ('ordered' or 'official')")
+        from ..epd.parameterization import INITS, KINDS
+
         for name, choices in (("rollout", ROLLOUTS), ("bptt", BPTT_MODES), ("loss", LOSSES),
-                              ("optimizer", OPTIMIZERS), ("teacher_subgrid", SUBGRIDS)):
+                              ("optimizer", OPTIMIZERS), ("teacher_subgrid", SUBGRIDS), ("init", INITS),
+                              ("parameterization", KINDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.teacher_points != AUTO:
