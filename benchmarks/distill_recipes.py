@@ -58,6 +58,12 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "traj-256": ("epd", "default", {"trajectories": 256}, "default with 256 trajectories"),
     "full-rounds": ("epd", "default", {"progressive": False}, "default with every L-BFGS round on all trajectories"),
     "randn-init": ("epd", "default", {"init": "randn"}, "default with randn initialisation"),
+    "select-4096": ("epd", "default", {"select_noises": 4096, "init": "auto"},
+                    "default with init candidates (deterministic, end) per grid and a 4096-noise selection set "
+                    "(DPM-Solver++(3M), 20 evaluations) that picks (grid, init) after two rounds and the checkpoint"),
+    "select-4096-full": ("epd", "default", {"select_noises": 4096, "init": "auto", "select_after": 4},
+                         "as select-4096, but every candidate trains in full before the selection set picks one "
+                         "(2x the default's training)"),
     "restarts-3": ("epd", "default", {"restarts": 3}, "default, best of 3 starts (recipe init + 2 randn)"),
     "warm-start": ("epd", "default", {}, "default, initialised from the default table of Para.NFE n - 2"),
     "learn-grid": ("epd", "default", {"learn_grid": True}, "default with the interior grid points learned (--learn-grid)"),

@@ -40,3 +40,67 @@ def test_schedule_option_is_checked():
         make_config("epd", 5, schedule="cosine")
     assert make_config("epd", 5).schedule == "auto"
     assert make_config("epd", 5, recipe="official").schedule == "time_uniform"
+
+
+SEL = dict(OPTS, lbfgs_rounds=3, select_noises=64)
+
+
+def test_selection_set_picks_after_two_rounds_and_the_winner_goes_on_as_if_uninterrupted(tmp_path):
+    """select_noises with init="auto": every (grid, init) candidate trains two rounds, the lowest error on the
+    selection set wins, and its tables equal an uninterrupted run of that candidate alone."""
+    from epd_solver.distillation.config import INIT_CANDIDATES
+
+    gm = digits_mixture()
+    p = distill(gm, "epd", 5, cache_dir=tmp_path, init="auto", **SEL)
+    cands = p.meta["grid_selection"]["candidates"]
+    assert [(c["schedule"], c["init"]) for c in cands] == [(s, i) for s, _ in GRID_CANDIDATES for i in INIT_CANDIDATES]
+    alone = [distill(gm, "epd", 5, cache_dir=tmp_path, schedule=c["schedule"], schedule_kwargs=c["schedule_kwargs"],
+                     init=c["init"], **SEL) for c in cands]
+    after_two = [min(h["val_rmse"] for h in q.meta["training"]["history"] if h["iteration"] <= 2 * OPTS["lbfgs_iterations"])
+                 for q in alone]
+    assert [c["val_rmse"] for c in cands] == pytest.approx(after_two, rel=1e-12)
+    best = after_two.index(min(after_two))
+    assert [c["chosen"] for c in cands] == [j == best for j in range(len(cands))]
+    assert (p.meta["schedule"], p.meta["init"]) == (cands[best]["schedule"], cands[best]["init"])
+    for a, b in zip(alone[best].natural(), p.natural()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert p.meta["training"]["history"] == alone[best].meta["training"]["history"]
+
+
+def test_selection_reference_is_close_to_the_exact_end_points(tmp_path):
+    from epd_solver.distillation import DistillRun
+    from epd_solver.distillation.validate import exact_reference
+
+    gm = digits_mixture()
+    run = DistillRun(gm, "epd", 5, cache_dir=tmp_path, init="auto", **SEL)
+    x, y = run.selection_set()
+    assert x.shape == y.shape == (64, gm.dim)
+    exact = exact_reference(gm, x[:16], gm.sigma_max, gm.sigma_min)
+    err = (y[:16] - exact).pow(2).mean().sqrt()
+    # 20 evaluations of DPM-Solver++(3M): 0.024 measured, a fifth of the best training-free solver at Para.NFE 5
+    # on this mixture (0.117, benchmarks/results/distill_recipes_digits.md)
+    assert err < 0.03
+
+
+def test_selection_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="init='auto'.*needs select_noises"):
+        make_config("epd", 5, init="auto")
+    with pytest.raises(ValueError, match="select_after must be an integer >= 1"):
+        make_config("epd", 5, select_noises=64, select_after=0)
+    with pytest.raises(ValueError, match="optimizer='lbfgs'"):
+        make_config("epd", 5, select_noises=64, optimizer="adam")
+    with pytest.raises(ValueError, match="does not support checkpoints"):
+        distill(digits_mixture(), "epd", 5, cache_dir=tmp_path, checkpoint=tmp_path / "c.safetensors", **SEL)
+
+
+def test_select_after_all_rounds_trains_every_candidate_in_full(tmp_path):
+    gm = digits_mixture()
+    opts = dict(SEL, select_after=SEL["lbfgs_rounds"])
+    p = distill(gm, "epd", 5, cache_dir=tmp_path, **opts)
+    cands = p.meta["grid_selection"]["candidates"]
+    alone = [distill(gm, "epd", 5, cache_dir=tmp_path, schedule=c["schedule"], schedule_kwargs=c["schedule_kwargs"],
+                     **opts) for c in cands]
+    assert [c["val_rmse"] for c in cands] == pytest.approx([q.meta["training"]["best_val_rmse"] for q in alone],
+                                                           rel=1e-12)
+    assert "scored" not in p.meta["grid_selection"]
+

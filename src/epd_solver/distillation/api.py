@@ -15,7 +15,7 @@ import torch
 from ..epd import EPDParams, EPDTables
 from ..schedules import schedule_label
 from .cache import DiskCache, default_cache_dir, model_fingerprint
-from .config import AUTO, GRID_CANDIDATES, DistillConfig, make_config
+from .config import AUTO, GRID_CANDIDATES, INIT_CANDIDATES, SELECTION_REFERENCE, DistillConfig, make_config
 from .losses import DistillLoss, sample_mse
 from .noise import VALIDATION_SEED_BASE, SeedRange, start_states
 from .grid import GridTables
@@ -27,6 +27,7 @@ from .validate import exact_reference, is_exact_problem, ratio_interval, rmse, r
 __all__ = ["distill", "DistillRun", "checkpoint_paths", "TRAIN_SEED_STRIDE", "CONVERGENCE_SUBSET"]
 
 TRAIN_SEED_STRIDE = 10_000_000   # training seeds of run seed s: s * stride + j
+SELECTION_SEED_BASE = VALIDATION_SEED_BASE + 500_000_000  # the selection set (select_noises), below the test range
 CONVERGENCE_SUBSET = 64          # validation trajectories used to check (or choose) the teacher refinement
 EXACT_RTOL = 1e-6  # validation reference: its error (~3e-7 RMSE) is far below any solver error compared
 
@@ -122,9 +123,12 @@ class DistillRun:
         self.log = log or (lambda msg: None)
         self.teacher_evaluations = 0.0  # teacher rows evaluated in this run, per trajectory summed
         self.teacher_seconds = 0.0
+        self.selection_seconds = 0.0
         self._field: list[dict[str, Any]] | None = None
         c = self.cfg
-        self.grids = list(GRID_CANDIDATES) if c.schedule == AUTO else [(c.schedule, dict(c.schedule_kwargs))]
+        grids = list(GRID_CANDIDATES) if c.schedule == AUTO else [(c.schedule, dict(c.schedule_kwargs))]
+        inits = INIT_CANDIDATES if c.init == AUTO else (c.init,)
+        self.grids = [(name, dict(kw), init) for name, kw in grids for init in inits]  # the candidates
         self.use_grid(*self.grids[0])
         self.train_seeds = SeedRange(c.seed * TRAIN_SEED_STRIDE, c.trajectories)
         self.val_seeds = SeedRange(VALIDATION_SEED_BASE, c.val_trajectories)
@@ -134,6 +138,8 @@ class DistillRun:
         self.data_parallel = world > 1 if data_parallel is None else bool(data_parallel)
         if self.data_parallel and world < 2:
             raise ValueError("data_parallel=True needs a torch.distributed group of several processes (torchrun)")
+        if self.data_parallel and c.select_noises:
+            raise ValueError("select_noises is not supported under data parallel yet: run it in one process")
         if self.data_parallel and c.trajectories < world:
             raise ValueError(f"{c.trajectories} training trajectories cannot be shared by {world} processes")
         if not self.data_parallel:
@@ -143,11 +149,12 @@ class DistillRun:
         me = dist_utils.rank() if self.data_parallel else 0
         self.shard = (sum(sizes[:me]), sum(sizes[:me + 1]))  # this rank's training trajectories (global indices)
 
-    def use_grid(self, schedule: str, kwargs: dict[str, Any]) -> None:
-        """Make ``schedule(**kwargs)`` the student grid that the teacher, student and report use."""
+    def use_grid(self, schedule: str, kwargs: dict[str, Any], init: str = "deterministic") -> None:
+        """Make ``schedule(**kwargs)`` the student grid that the teacher, student and report use (and ``init``
+        the tables' start)."""
         from ..schedules import get_sigmas
 
-        self.schedule, self.schedule_kwargs = schedule, dict(kwargs)
+        self.schedule, self.schedule_kwargs, self.init = schedule, dict(kwargs), init
         self.sigmas = get_sigmas(schedule, self.cfg.n_points, self.sigma_min, self.sigma_max, **kwargs)
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -261,6 +268,8 @@ class DistillRun:
     def run(self, checkpoint=None, checkpoint_every: int = 50, resume: bool = False, init_from: Any = None,
             on_iteration=None) -> EPDParams:
         t0 = time.perf_counter()
+        if self.cfg.select_noises and checkpoint is not None:
+            raise ValueError("select_noises does not support checkpoints yet (the candidates stop and go on)")
         for path in checkpoint_paths(checkpoint, len(self.grids)):
             if path is not None and not resume and path.exists():
                 raise FileExistsError(f"checkpoint {path} exists: pass resume=True (--resume) to continue it")
@@ -273,9 +282,9 @@ class DistillRun:
                 p.requires_grad_(flag)
         return params
 
-    def _prepare(self, grid: tuple[str, dict[str, Any]], val_x0: torch.Tensor, x0: torch.Tensor,
+    def _prepare(self, grid: tuple[str, dict[str, Any], str], val_x0: torch.Tensor, x0: torch.Tensor,
                  own: SeedRange, init_from: Any, resume: bool, checkpoint: Path | None, checkpoint_every: int,
-                 on_iteration) -> dict[str, Any]:
+                 on_iteration, select: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
         """Teacher, student, loss, starting tables and trainer on one student grid (made current)."""
         c = self.cfg
         self.use_grid(*grid)
@@ -289,15 +298,47 @@ class DistillRun:
         student = Student(c.solver, self.sigmas, c.afs, c.plugin_order, c.rollout, c.bptt)
         loss = DistillLoss(c.loss, self.feature if c.loss == "per_step+feature" else None, c.feature_weight,
                            sigmas=self.sigmas)
-        data = TrainData(x0, teacher, val_x0, val_teacher, offset=self.shard[0], total=c.trajectories)
+        # validation during training (best checkpoint, grid choice): the selection set when there is one
+        v_x0, v_end = (val_x0, val_teacher) if select is None else (select[0], select[1][:, None])
+        data = TrainData(x0, teacher, v_x0, v_end, offset=self.shard[0], total=c.trajectories)
         resuming = resume and checkpoint is not None and checkpoint.exists()
         tables, restarts = self.initial_tables(student, loss, data, init_from, skip=resuming)
         grid_tag = f":{self.schedule}{json.dumps(self.schedule_kwargs, sort_keys=True)}" if len(self.grids) > 1 else ""
+        if c.init == AUTO:
+            grid_tag += f":{self.init}"
         trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, checkpoint, checkpoint_every,
                           self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}{grid_tag}",
                           data_parallel=self.data_parallel, label=self._grid_note())
         return dict(grid=grid, sigmas=self.sigmas, spec=spec, conv=conv, val_teacher=val_teacher, student=student,
                     loss=loss, tables=tables, restarts=restarts, trainer=trainer)
+
+    def selection_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``select_noises`` start states (their own seed range) and their end points under SELECTION_REFERENCE,
+        a training-free solver cheap enough for thousands of noises (cached)."""
+        from ..sampling import get_sampler
+        from ..schedules import get_sigmas
+
+        c = self.cfg
+        seeds = SeedRange(SELECTION_SEED_BASE, c.select_noises)
+        x = self.starts(seeds)
+        solver, schedule, kwargs, n = SELECTION_REFERENCE
+        key = {"model": self.fingerprint, "reference": [solver, schedule, kwargs, n], "dtype": str(self.dtype),
+               "shape": list(self.shape), "prior_scale": self.prior_scale, "sigma_range": [self.sigma_min, self.sigma_max],
+               "extra_args": _digest(self.extra_args)}
+        hit = self.cache.load("selection", key, seeds)
+        if hit is not None:
+            return x, hit["x"].to(x.device)
+        start = time.perf_counter()
+        sigmas = get_sigmas(schedule, n, self.sigma_min, self.sigma_max, **kwargs).to(device=x.device, dtype=x.dtype)
+        sampler, batch = get_sampler(solver), max(1, min(1024, (2 ** 22) // max(1, math.prod(self.shape))))
+        with torch.no_grad():
+            y = torch.cat([sampler(self.model, x[i:i + batch], sigmas, self.extra_args, None, True)
+                           for i in range(0, x.shape[0], batch)])
+        self.selection_seconds += time.perf_counter() - start
+        self.cache.save("selection", key, seeds, {"x": y})
+        self.log(f"selection set: {c.select_noises} noises, {solver} on {n} {schedule} points "
+                 f"({time.perf_counter() - start:.1f} s)")
+        return x, y
 
     def _train_teacher(self, spec: TeacherSpec, own: SeedRange, x0: torch.Tensor) -> torch.Tensor:
         """Teacher states of this rank's training trajectories; counts the evaluations."""
@@ -314,11 +355,13 @@ class DistillRun:
     def _grid_note(self) -> str:
         if len(self.grids) == 1:
             return ""
-        return f" on the {schedule_label(self.schedule, self.schedule_kwargs)} grid"
+        init = f" from init {self.init}" if self.cfg.init == AUTO else ""
+        return f" on the {schedule_label(self.schedule, self.schedule_kwargs)} grid{init}"
 
     def _select_grid(self, runs: list[dict[str, Any]], outcomes: list[Any]) -> tuple[int, dict[str, Any]]:
         """The candidate grid with the lowest validation error (ties: the earlier one)."""
-        rows = [{"schedule": run["grid"][0], "schedule_kwargs": run["grid"][1], "sigmas": run["sigmas"].tolist(),
+        rows = [{"schedule": run["grid"][0], "schedule_kwargs": run["grid"][1], "init": run["grid"][2],
+                 "sigmas": run["sigmas"].tolist(),
                  "teacher_points": run["spec"].points, "val_rmse": out.best_val}
                 for run, out in zip(runs, outcomes)]
         best = min(range(len(runs)), key=lambda j: (rows[j]["val_rmse"], j))
@@ -327,7 +370,8 @@ class DistillRun:
         self.use_grid(*runs[best]["grid"])
         self.teacher_spec = runs[best]["spec"]
         self.log("grid chosen by validation: " + ", ".join(
-            f"{schedule_label(r['schedule'], r['schedule_kwargs'])} {r['val_rmse']:.4g}{' <-' if r['chosen'] else ''}"
+            f"{schedule_label(r['schedule'], r['schedule_kwargs'])}"
+            f"{' init ' + r['init'] if self.cfg.init == AUTO else ''} {r['val_rmse']:.4g}{' <-' if r['chosen'] else ''}"
             for r in rows))
         return best, {"candidates": rows}
 
@@ -338,26 +382,37 @@ class DistillRun:
         own = SeedRange(self.train_seeds.start + lo, hi - lo)
         x0 = self.starts(own)
         paths = checkpoint_paths(checkpoint, len(self.grids))
+        select = self.selection_set() if c.select_noises else None
         runs, outcomes = [], []
-        for grid, path in zip(self.grids, paths):  # each candidate grid trains in full, one after another
-            run = self._prepare(grid, val_x0, x0, own, init_from, resume, path, checkpoint_every, on_iteration)
+        halving = select is not None and len(self.grids) > 1 and c.select_after < c.lbfgs_rounds
+        until = c.select_after * c.lbfgs_iterations if halving else None
+        for grid, path in zip(self.grids, paths):  # each candidate trains in full (or its first rounds), in turn
+            run = self._prepare(grid, val_x0, x0, own, init_from, resume, path, checkpoint_every, on_iteration,
+                                select)
             runs.append(run)
-            outcomes.append(run.pop("trainer").run(resume=resume))  # its training data is not needed after
+            trainer = run["trainer"] if until is not None else run.pop("trainer")  # data kept only to go on
+            outcomes.append(trainer.run(resume=resume, until=until))
         selection = None
         if len(runs) > 1:
             best, selection = self._select_grid(runs, outcomes)
         else:
             best = 0
+        if until is not None:  # the candidate chosen on the selection set finishes its rounds
+            selection["scored"] = f"selection set after {c.select_after} of {c.lbfgs_rounds} rounds"
+            outcomes[best] = runs[best]["trainer"].run()
+            for r in runs:
+                r.pop("trainer")
         run, outcome = runs[best], outcomes[best]
         spec, conv, student, loss, tables = run["spec"], run["conv"], run["student"], run["loss"], run["tables"]
         restarts, val_teacher = run["restarts"], run["val_teacher"]
         tables.load_raw_(outcome.best_raw)
-        t_train = time.perf_counter() - t0 - self.teacher_seconds
+        t_train = time.perf_counter() - t0 - self.teacher_seconds - self.selection_seconds
 
         validation = self.compare(student, tables, val_x0, val_teacher) if c.compare else None
         seconds = time.perf_counter() - t0
         meta = {
-            "schedule": self.schedule, "schedule_kwargs": self.schedule_kwargs, "model_id": self.model_id,
+            "schedule": self.schedule, "schedule_kwargs": self.schedule_kwargs, "init": self.init,
+            "model_id": self.model_id,
             "model_kind": getattr(self.model, "kind", "callable"), "recipe": c.recipe,
             "teacher": spec.as_dict(), "teacher_nfe": self.teacher_nfe_of(spec), "teacher_convergence": conv,
             "teacher_total_nfe": sum(self.teacher_nfe_of(r["spec"]) for r in runs) * (c.trajectories + c.val_trajectories),
@@ -369,13 +424,17 @@ class DistillRun:
                          "init_val_rmse": outcome.init_val, "last_val_rmse": outcome.final_val,
                          "iterations": outcome.iterations, "nonfinite_skipped": outcome.nonfinite_skipped,
                          "history": outcome.history, "resumed_from": outcome.resumed_from},
-            "timing": {"teacher_s": self.teacher_seconds, "train_s": t_train, "total_s": seconds,
+            "timing": {"teacher_s": self.teacher_seconds, "selection_s": self.selection_seconds,
+                       "train_s": t_train, "total_s": seconds,
                        "teacher_evaluations_this_run": self.teacher_evaluations,
                        "cache_hits": self.cache.hits, "cache_misses": self.cache.misses},
             "validation": validation,
         }
         if selection is not None:
             meta["grid_selection"] = selection
+        if select is not None:  # training.*val* above are then errors on this set
+            meta["selection"] = {"noises": c.select_noises, "seeds": [SELECTION_SEED_BASE, c.select_noises],
+                                 "reference": list(SELECTION_REFERENCE)}
         if outcome.nonfinite_skipped:
             self.log(f"{outcome.nonfinite_skipped} update(s) skipped: non-finite loss or gradient")
         grid = self.sigmas
@@ -403,13 +462,13 @@ class DistillRun:
             return t
 
         if c.restarts == 1 or skip:
-            return make(c.init, c.seed), []
+            return make(self.init, c.seed), []
         short = dataclasses.replace(c, lbfgs_rounds=1, epochs=1, restarts=1)
         if c.optimizer == "adam":
             short.trajectories = min(c.trajectories, c.val_every * c.batch)
         tried = []
         for j in range(c.restarts):
-            tables = make(c.init, c.seed) if j == 0 else make("randn", c.seed + j)
+            tables = make(self.init, c.seed) if j == 0 else make("randn", c.seed + j)
             out = Trainer(self.model, short, student, tables, loss, data, self.extra_args, progress=False,
                           data_parallel=self.data_parallel).run()
             tables.load_raw_(out.best_raw)

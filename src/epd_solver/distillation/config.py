@@ -15,7 +15,8 @@ from .losses import LOSSES
 from .student import BPTT_MODES, ROLLOUTS, SOLVERS
 from .teacher import SUBGRIDS
 
-__all__ = ["DistillConfig", "RECIPES", "OPTIMIZERS", "GRID_CANDIDATES", "recipe_defaults", "make_config"]
+__all__ = ["DistillConfig", "RECIPES", "OPTIMIZERS", "GRID_CANDIDATES", "INIT_CANDIDATES", "recipe_defaults",
+           "make_config"]
 
 OPTIMIZERS = ("adam", "lbfgs")
 RECIPES = ("default", "official", "amed")
@@ -25,6 +26,12 @@ AUTO = "auto"
 # gradient cannot move the grid: a sample ending in the wrong mode is a discrete event). Measurements:
 # benchmarks/results/distill_recipes_synthetic.md and _digits.md.
 GRID_CANDIDATES: tuple[tuple[str, dict[str, float]], ...] = (("time_uniform", {}), ("polynomial", {"rho": 2.0}))
+# init="auto" (needs select_noises): every candidate grid from each of these inits.
+INIT_CANDIDATES = ("deterministic", "end")
+# select_noises: the reference of the selection set, a training-free solver at 20 evaluations (on the d = 3072
+# mixture 0.009 RMSE to the exact end points and no sample in the wrong cluster of 2000;
+# benchmarks/results/synthetic_probe.md).
+SELECTION_REFERENCE = ("dpmpp_3m", "polynomial", {"rho": 7.0}, 21)
 
 
 @dataclasses.dataclass
@@ -63,6 +70,8 @@ class DistillConfig:
     learn_grid: bool = False
     progressive: bool = False
     val_trajectories: int = 128
+    select_noises: int = 0
+    select_after: int = 2
     val_every: int = 50
     compare: bool = True
     exact_check: bool = True
@@ -102,7 +111,7 @@ class DistillConfig:
         from ..epd.parameterization import INITS, KINDS
 
         for name, choices in (("rollout", ROLLOUTS), ("bptt", BPTT_MODES), ("loss", LOSSES),
-                              ("optimizer", OPTIMIZERS), ("teacher_subgrid", SUBGRIDS), ("init", INITS),
+                              ("optimizer", OPTIMIZERS), ("teacher_subgrid", SUBGRIDS), ("init", (*INITS, AUTO)),
                               ("parameterization", KINDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -119,6 +128,14 @@ class DistillConfig:
                      "val_trajectories", "val_every"):
             positive_int(name, getattr(self, name))
         positive_int("seed", self.seed, 0)
+        positive_int("select_noises", self.select_noises, 0)
+        positive_int("select_after", self.select_after)
+        if self.select_noises and self.optimizer != "lbfgs":
+            raise ValueError("select_noises picks a candidate after select_after L-BFGS rounds: it needs "
+                             "optimizer='lbfgs'")
+        if self.init == AUTO and not self.select_noises:
+            raise ValueError(f"init='auto' (each candidate grid from each of {INIT_CANDIDATES}) needs select_noises "
+                             "> 0: the 128 validation noises cannot choose among inits (synthetic_probe.md)")
         if self.seed >= 100 or self.trajectories > 10_000_000:
             raise ValueError("seed must be < 100 and trajectories <= 10^7 (training seeds stay below the "
                              "validation range)")

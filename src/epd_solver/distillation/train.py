@@ -91,6 +91,7 @@ class Trainer:
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.progress, self.on_iteration = progress, on_iteration
         self.label = label  # shown after the progress bar's title (e.g. which candidate grid)
+        self.until: int | None = None  # run(until=...): stop at this iteration (a round boundary)
         self.key = f"{config_hash(cfg)}:{run_key}"
         self.params = [p for p in tables.parameters() if p.requires_grad]
         self.n = data.total if data.total is not None else data.x0.shape[0]
@@ -176,7 +177,10 @@ class Trainer:
         self.running = loss if math.isnan(self.running) else 0.9 * self.running + 0.1 * loss
 
     # -- loops ----------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> TrainOutcome:
+    def run(self, resume: bool = False, until: int | None = None) -> TrainOutcome:
+        """Train to the end, or (L-BFGS) to iteration ``until`` at a round boundary; calling ``run`` again
+        continues exactly where it stopped."""
+        self.until = until
         resumed_from = None
         adam_state = None
         if resume and self.checkpoint is not None and self.checkpoint.exists():
@@ -259,8 +263,9 @@ class Trainer:
         """Rounds of ``lbfgs_iterations`` L-BFGS steps on the training set; the memory restarts every round,
         so a checkpoint at a round boundary holds the whole state."""
         c = self.cfg
+        stop = c.iterations if self.until is None else min(c.iterations, self.until)
         with self._bar(c.iterations, "it") as bar:
-            while self.iteration < c.iterations:
+            while self.iteration < stop:
                 start = torch.nn.utils.parameters_to_vector(self.params).detach().to(torch.float64)
 
                 def seen(f: float) -> None:
