@@ -65,6 +65,8 @@ def test_selection_set_picks_after_two_rounds_and_the_winner_goes_on_as_if_unint
     for a, b in zip(alone[best].natural(), p.natural()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert p.meta["training"]["history"] == alone[best].meta["training"]["history"]
+    # the teachers ran once per grid: two grids' worth, not four candidates'
+    assert p.meta["teacher_total_nfe"] == sum(q.meta["teacher_total_nfe"] for q in alone[::len(INIT_CANDIDATES)])
 
 
 def test_selection_reference_is_close_to_the_exact_end_points(tmp_path):

@@ -415,7 +415,9 @@ class DistillRun:
             "model_id": self.model_id,
             "model_kind": getattr(self.model, "kind", "callable"), "recipe": c.recipe,
             "teacher": spec.as_dict(), "teacher_nfe": self.teacher_nfe_of(spec), "teacher_convergence": conv,
-            "teacher_total_nfe": sum(self.teacher_nfe_of(r["spec"]) for r in runs) * (c.trajectories + c.val_trajectories),
+            "teacher_total_nfe": sum(self.teacher_nfe_of(r["spec"]) for r in {  # one teacher per grid, not per init
+                (r["grid"][0], json.dumps(r["grid"][1], sort_keys=True)): r for r in runs}.values())
+            * (c.trajectories + c.val_trajectories),
             "loss": loss.describe(), "config": c.as_dict(), "dtype": str(self.dtype),
             "data_parallel": {"processes": self.processes},
             "seeds": {"train": [self.train_seeds.start, self.train_seeds.count],
