@@ -77,7 +77,7 @@ def add_parser(sub) -> None:
     g.add_argument("--val-trajectories", type=int)
     g.add_argument("--select-noises", type=int,
                    help="a selection set of this many noises (end points: DPM-Solver++(3M), 20 evaluations) picks the "
-                        "candidate (grid, init) after two L-BFGS rounds and the best checkpoint; for models whose "
+                        "candidate (grid, init) after --select-after L-BFGS rounds and the best checkpoint; for models whose "
                         "rare samples change mode, where 128 validation noises cannot tell candidates apart "
                         "(e.g. 4096 on the d = 3072 mixture); 0 (default): off")
     g.add_argument("--select-after", type=int,

@@ -158,6 +158,10 @@ class DistillRun:
         self.sigmas = get_sigmas(schedule, self.cfg.n_points, self.sigma_min, self.sigma_max, **kwargs)
 
     # -- data ---------------------------------------------------------------------------------------------
+    def _rows_per_batch(self, cap: int) -> int:
+        """Samples per model call: about 4M elements, at most ``cap``."""
+        return max(1, min(cap, (2 ** 22) // max(1, math.prod(self.shape))))
+
     def starts(self, seeds: SeedRange) -> torch.Tensor:
         return start_states(self.prior_scale, self.shape, seeds, self.dtype, self.device)
 
@@ -174,7 +178,7 @@ class DistillRun:
         if hit is not None:
             return hit["states"].to(self.device)
         x0 = self.starts(seeds) if x0 is None else x0
-        batch = max(1, min(256, (2 ** 22) // max(1, math.prod(self.shape))))
+        batch = self._rows_per_batch(256)
         start = time.perf_counter()
         states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch)
         self.teacher_seconds += time.perf_counter() - start
@@ -330,7 +334,7 @@ class DistillRun:
             return x, hit["x"].to(x.device)
         start = time.perf_counter()
         sigmas = get_sigmas(schedule, n, self.sigma_min, self.sigma_max, **kwargs).to(device=x.device, dtype=x.dtype)
-        sampler, batch = get_sampler(solver), max(1, min(1024, (2 ** 22) // max(1, math.prod(self.shape))))
+        sampler, batch = get_sampler(solver), self._rows_per_batch(1024)
         with torch.no_grad():
             y = torch.cat([sampler(self.model, x[i:i + batch], sigmas, self.extra_args, None, True)
                            for i in range(0, x.shape[0], batch)])

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any
 
+from ..epd.parameterization import INITS, KINDS
 from .losses import LOSSES
 from .student import BPTT_MODES, ROLLOUTS, SOLVERS
 from .teacher import SUBGRIDS
@@ -108,8 +109,6 @@ class DistillConfig:
         if self.learn_grid and (self.loss != "final" or self.parameterization == "paper"):
             raise ValueError("learn_grid needs loss='final' (the teacher's intermediate states sit on the fixed "
                              "grid) and a grid-free parameterisation ('ordered' or 'official')")
-        from ..epd.parameterization import INITS, KINDS
-
         for name, choices in (("rollout", ROLLOUTS), ("bptt", BPTT_MODES), ("loss", LOSSES),
                               ("optimizer", OPTIMIZERS), ("teacher_subgrid", SUBGRIDS), ("init", (*INITS, AUTO)),
                               ("parameterization", KINDS)):
@@ -125,11 +124,10 @@ class DistillConfig:
         if not 0 <= self.lr_floor <= self.lr:
             raise ValueError(f"lr_floor must lie in [0, lr], got {self.lr_floor}")
         for name in ("trajectories", "batch", "epochs", "lbfgs_rounds", "lbfgs_iterations", "restarts",
-                     "val_trajectories", "val_every"):
+                     "val_trajectories", "val_every", "select_after"):
             positive_int(name, getattr(self, name))
         positive_int("seed", self.seed, 0)
         positive_int("select_noises", self.select_noises, 0)
-        positive_int("select_after", self.select_after)
         if self.select_noises and self.optimizer != "lbfgs":
             raise ValueError("select_noises picks a candidate after select_after L-BFGS rounds: it needs "
                              "optimizer='lbfgs'")

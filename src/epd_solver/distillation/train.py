@@ -91,7 +91,6 @@ class Trainer:
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.progress, self.on_iteration = progress, on_iteration
         self.label = label  # shown after the progress bar's title (e.g. which candidate grid)
-        self.until: int | None = None  # run(until=...): stop at this iteration (a round boundary)
         self.key = f"{config_hash(cfg)}:{run_key}"
         self.params = [p for p in tables.parameters() if p.requires_grad]
         self.n = data.total if data.total is not None else data.x0.shape[0]
@@ -180,7 +179,6 @@ class Trainer:
     def run(self, resume: bool = False, until: int | None = None) -> TrainOutcome:
         """Train to the end, or (L-BFGS) to iteration ``until`` at a round boundary; calling ``run`` again
         continues exactly where it stopped."""
-        self.until = until
         resumed_from = None
         adam_state = None
         if resume and self.checkpoint is not None and self.checkpoint.exists():
@@ -191,7 +189,7 @@ class Trainer:
         if self.cfg.optimizer == "adam":
             self._run_adam(adam_state)
         else:
-            self._run_lbfgs()
+            self._run_lbfgs(until)
         final_val = self.history[-1]["val_rmse"] if self.history else math.nan
         return TrainOutcome(self.best_raw, self.best_val, self.best_iteration, self.init_val, final_val,
                             self.iteration, self.nonfinite, list(self.history), resumed_from)
@@ -259,11 +257,11 @@ class Trainer:
             return self.n
         return max(min(self.n, self.cfg.batch), math.ceil(self.n / 2 ** (self.cfg.lbfgs_rounds - 1 - j)))
 
-    def _run_lbfgs(self) -> None:
+    def _run_lbfgs(self, until: int | None = None) -> None:
         """Rounds of ``lbfgs_iterations`` L-BFGS steps on the training set; the memory restarts every round,
         so a checkpoint at a round boundary holds the whole state."""
         c = self.cfg
-        stop = c.iterations if self.until is None else min(c.iterations, self.until)
+        stop = c.iterations if until is None else min(c.iterations, until)
         with self._bar(c.iterations, "it") as bar:
             while self.iteration < stop:
                 start = torch.nn.utils.parameters_to_vector(self.params).detach().to(torch.float64)
