@@ -82,21 +82,25 @@ class GaussianMixture(Denoiser):
             k, d, r = self.bases.shape
             q_all = self.bases.permute(1, 0, 2).reshape(d, k * r)
             mu_proj = torch.einsum("kd,kdr->kr", self.means, self.bases)
-            self._cache = (q_all, mu_proj, (self.means**2).sum(-1))
+            # [Q_1 .. Q_K, mu_1 .. mu_K]: one GEMM gives every projection and every x . mu_k
+            right = torch.cat([q_all, self.means.T], dim=1).contiguous()                 # (d, K*r + K)
+            self._cache = (q_all, mu_proj, (self.means**2).sum(-1), right, right.T.contiguous())
         return self._cache
 
     def _terms(self, x: torch.Tensor, sigma: torch.Tensor):
-        q_all, mu_proj, mu_sq = self._stacked()
+        q_all, mu_proj, mu_sq, right, _ = self._stacked()
         k, d, r = self.bases.shape
         x = x.reshape(x.shape[0], -1).to(torch.float64)
         s2 = sigma.to(torch.float64).reshape(-1, 1) ** 2                       # (B,1)
-        proj = (x @ q_all).reshape(-1, k, r) - mu_proj[None]                   # Q_k^T (x - mu_k): (B,K,r)
+        both = x @ right                                                       # (B, K*r + K)
+        proj = both[:, :k * r].reshape(-1, k, r) - mu_proj[None]               # Q_k^T (x - mu_k): (B,K,r)
         lam = self.eigvals[None] + s2[..., None]                               # (B,K,r)
         logdet = lam.log().sum(-1)
         maha = (proj**2 / lam).sum(-1)
         if not self.full_rank:
             iso = self.iso[None, :] + s2                                       # (B,K)
-            y_sq = (x**2).sum(-1, keepdim=True) - 2 * x @ self.means.T + mu_sq[None]
+            x_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()   # no (B,d) temporary
+            y_sq = x_sq - 2 * both[:, k * r:] + mu_sq[None]
             resid = (y_sq - (proj**2).sum(-1)).clamp_min(0)
             logdet = logdet + (d - r) * iso.log()
             maha = maha + resid / iso
@@ -113,7 +117,7 @@ class GaussianMixture(Denoiser):
             raise TypeError(f"a Gaussian mixture takes no conditioning, got {sorted(cond)}")
         if x[0].numel() != self.dim:
             raise ValueError(f"mixture of dimension {self.dim} got samples of shape {tuple(x.shape[1:])}")
-        q_all, _, _ = self._stacked()
+        q_all, _, _, _, left = self._stacked()
         xf, proj, lam, logp, s2 = self._terms(x, sigma)
         resp = torch.softmax(logp, dim=1)                                      # (B,K)
         shrink = self.eigvals[None] / lam                                      # lam_k / (lam_k + s^2)
@@ -124,8 +128,9 @@ class GaussianMixture(Denoiser):
             return out.reshape(x.shape).to(x.dtype)
         rho = self.iso[None] / (self.iso[None] + s2)
         coef = resp[..., None] * (shrink - rho[..., None]) * proj              # (B,K,r)
-        out = coef.reshape(xf.shape[0], -1) @ q_all.T
-        out = out + (resp * (1 - rho)) @ self.means + (resp * rho).sum(-1, keepdim=True) * xf
+        # one GEMM against [Q_1 .. Q_K; mu_1 .. mu_K] on top of the isotropic part sum_k resp_k rho_k x
+        mix = torch.cat([coef.reshape(xf.shape[0], -1), resp * (1 - rho)], dim=1)
+        out = torch.addmm(xf * (resp * rho).sum(-1, keepdim=True), mix, left)
         return out.reshape(x.shape).to(x.dtype)
 
     # -- sampling -----------------------------------------------------------------------------------
