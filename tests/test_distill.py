@@ -43,7 +43,7 @@ def flow(x0, sigma0, sigma):
     return x0 * math.sqrt((S**2 + sigma**2) / (S**2 + sigma0**2))
 
 
-TINY = dict(trajectories=8, batch=4, val_trajectories=8, lbfgs_rounds=1, lbfgs_iterations=3, compare=False)
+TINY = dict(trajectories=8, batch=4, val_trajectories=8, lbfgs_rounds=1, lbfgs_iterations=3, compare=False, select_noises=0)
 
 
 # -- noise, grids, teacher -------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def _other_gauss():
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, optimizer):
     opts = dict(cache_dir=tmp_path / "cache", teacher_points=1, optimizer=optimizer, trajectories=16, batch=4,
-                val_trajectories=8, val_every=2, lbfgs_rounds=3, lbfgs_iterations=2, compare=False)
+                val_trajectories=8, val_every=2, lbfgs_rounds=3, lbfgs_iterations=2, compare=False, select_noises=0)
     if optimizer == "adam":
         opts.update(lr=0.1, lr_floor=0.01)
     whole = distill(GaussDenoiser(), "epd", 5, **opts)
@@ -203,6 +203,36 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, optimizer):
     assert resumed.meta["grid_selection"] == whole.meta["grid_selection"]
     best = [c["chosen"] for c in whole.meta["grid_selection"]["candidates"]].index(True)
     assert resumed.meta["training"]["resumed_from"] == (2 if best == 1 else whole.meta["training"]["iterations"])
+    for a, b in zip(whole.natural(), resumed.natural()):
+        assert torch.equal(a, b)
+    assert whole.meta["training"]["history"] == resumed.meta["training"]["history"]
+
+
+@pytest.mark.parametrize("kill_at", [(2, 3), (6, 1)])
+def test_killed_selection_run_resumes_to_the_same_parameters(tmp_path, kill_at):
+    """The default recipe's selection: four (grid, init) candidates train two rounds, the best grid's two go on.
+    Killed in the third candidate's first phase, or in the first finishing one, a resumed run ends identical."""
+    opts = dict(cache_dir=tmp_path / "cache", teacher_points=1, trajectories=16, batch=4, val_trajectories=8,
+                lbfgs_rounds=4, lbfgs_iterations=2, compare=False)
+    whole = distill(GaussDenoiser(), "epd", 5, **opts)
+    assert whole.meta["selection"]["noises"] == 8 * 16 and len(whole.meta["grid_selection"]["finished"]) == 2
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def kill(it, info):
+        calls.append(it)
+        if it == kill_at[0] and calls.count(it) == kill_at[1]:
+            raise Killed
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Killed):
+        distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, on_iteration=kill, **opts)
+    assert checkpoint_paths(ckpt, 4)[0].exists()
+    resumed = distill(GaussDenoiser(), "epd", 5, checkpoint=ckpt, resume=True, **opts)
+    assert resumed.meta["grid_selection"] == whole.meta["grid_selection"]
     for a, b in zip(whole.natural(), resumed.natural()):
         assert torch.equal(a, b)
     assert whole.meta["training"]["history"] == resumed.meta["training"]["history"]
@@ -333,7 +363,7 @@ def test_learned_grid_keeps_the_end_points_and_is_what_the_file_samples(tmp_path
 
     gm = digits_mixture()
     opts = dict(learn_grid=True, trajectories=32, batch=32, val_trajectories=16, lbfgs_rounds=2, lbfgs_iterations=5,
-                teacher_points=3, cache_dir=tmp_path, compare=False)
+                teacher_points=3, cache_dir=tmp_path, compare=False, select_noises=0)
     p = distill(gm, "epd", 5, **opts)
     s, start = p.sigmas, torch.tensor(p.meta["start_grid"], dtype=torch.float64)
     assert s.shape == start.shape == (4,)

@@ -10,7 +10,7 @@ from epd_solver.problems import digits_mixture
 from epd_solver.schedules import get_sigmas
 
 OPTS = dict(trajectories=32, batch=32, val_trajectories=32, lbfgs_rounds=2, lbfgs_iterations=4, teacher_points=3,
-            compare=False)
+            compare=False, select_noises=0)
 
 
 def test_auto_grid_keeps_the_best_candidate_and_equals_the_run_on_that_grid(tmp_path):
@@ -45,22 +45,32 @@ def test_schedule_option_is_checked():
 SEL = dict(OPTS, lbfgs_rounds=3, select_noises=64)
 
 
-def test_selection_set_picks_after_two_rounds_and_the_winner_goes_on_as_if_uninterrupted(tmp_path):
-    """select_noises with init="auto": every (grid, init) candidate trains two rounds, the lowest error on the
-    selection set wins, and its tables equal an uninterrupted run of that candidate alone."""
+def test_selection_keeps_the_best_grid_after_two_rounds_and_its_inits_go_on_as_if_uninterrupted(tmp_path):
+    """select_noises with init="auto": every (grid, init) candidate trains two rounds; the grid of the lowest
+    error on the selection set is kept, its inits finish, and the lowest final error wins. Every candidate equals
+    an uninterrupted run of it alone (validated on the selection set from round two on)."""
     from epd_solver.distillation.config import INIT_CANDIDATES
 
     gm = digits_mixture()
     p = distill(gm, "epd", 5, cache_dir=tmp_path, init="auto", **SEL)
-    cands = p.meta["grid_selection"]["candidates"]
+    sel = p.meta["grid_selection"]
+    cands = sel["candidates"]
     assert [(c["schedule"], c["init"]) for c in cands] == [(s, i) for s, _ in GRID_CANDIDATES for i in INIT_CANDIDATES]
     alone = [distill(gm, "epd", 5, cache_dir=tmp_path, schedule=c["schedule"], schedule_kwargs=c["schedule_kwargs"],
                      init=c["init"], **SEL) for c in cands]
-    after_two = [min(h["val_rmse"] for h in q.meta["training"]["history"] if h["iteration"] <= 2 * OPTS["lbfgs_iterations"])
-                 for q in alone]
+    two = 2 * OPTS["lbfgs_iterations"]
+    for q in alone:  # the costly selection set is evaluated from round two on only
+        assert [h["iteration"] for h in q.meta["training"]["history"]] == [two, 3 * OPTS["lbfgs_iterations"]]
+    after_two = [q.meta["training"]["history"][0]["val_rmse"] for q in alone]
     assert [c["val_rmse"] for c in cands] == pytest.approx(after_two, rel=1e-12)
-    best = after_two.index(min(after_two))
-    assert [c["chosen"] for c in cands] == [j == best for j in range(len(cands))]
+    lead = after_two.index(min(after_two))
+    assert [c["chosen"] for c in cands] == [j == lead for j in range(len(cands))]
+    same = [j for j, c in enumerate(cands) if c["schedule"] == cands[lead]["schedule"]]
+    assert len(same) == len(INIT_CANDIDATES)
+    finals = [alone[j].meta["training"]["best_val_rmse"] for j in same]
+    assert [(f["schedule"], f["init"]) for f in sel["finished"]] == [(cands[j]["schedule"], cands[j]["init"]) for j in same]
+    assert [f["val_rmse"] for f in sel["finished"]] == pytest.approx(finals, rel=1e-12)
+    best = same[finals.index(min(finals))]
     assert (p.meta["schedule"], p.meta["init"]) == (cands[best]["schedule"], cands[best]["init"])
     for a, b in zip(alone[best].natural(), p.natural()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -86,13 +96,21 @@ def test_selection_reference_is_close_to_the_exact_end_points(tmp_path):
 
 def test_selection_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="init='auto'.*needs select_noises"):
-        make_config("epd", 5, init="auto")
+        make_config("epd", 5, init="auto", select_noises=0)
     with pytest.raises(ValueError, match="select_after must be an integer >= 1"):
         make_config("epd", 5, select_noises=64, select_after=0)
     with pytest.raises(ValueError, match="optimizer='lbfgs'"):
         make_config("epd", 5, select_noises=64, optimizer="adam")
-    with pytest.raises(ValueError, match="does not support checkpoints"):
-        distill(digits_mixture(), "epd", 5, cache_dir=tmp_path, checkpoint=tmp_path / "c.safetensors", **SEL)
+    with pytest.raises(ValueError, match="select_noises must be an integer >= 0"):
+        make_config("epd", 5, select_noises="many")
+    # the default recipe: a selection set of 8 noises per trajectory picks among grids x inits; without a
+    # selection set (or with Adam, which has no rounds to stop after) it starts from the deterministic init
+    cfg = make_config("epd", 5, trajectories=100)
+    assert (cfg.select_noises, cfg.selection_noises, cfg.init, cfg.select_after) == ("auto", 800, "auto", 2)
+    assert make_config("epd", 5, select_noises=0).init == "deterministic"
+    adam = make_config("epd", 5, optimizer="adam")
+    assert (adam.selection_noises, adam.init) == (0, "deterministic")
+    assert make_config("epd", 5, recipe="official").selection_noises == 0
 
 
 def test_select_after_all_rounds_trains_every_candidate_in_full(tmp_path):
@@ -101,7 +119,7 @@ def test_select_after_all_rounds_trains_every_candidate_in_full(tmp_path):
     p = distill(gm, "epd", 5, cache_dir=tmp_path, **opts)
     cands = p.meta["grid_selection"]["candidates"]
     alone = [distill(gm, "epd", 5, cache_dir=tmp_path, schedule=c["schedule"], schedule_kwargs=c["schedule_kwargs"],
-                     **opts) for c in cands]
+                     init=c["init"], **opts) for c in cands]
     assert [c["val_rmse"] for c in cands] == pytest.approx([q.meta["training"]["best_val_rmse"] for q in alone],
                                                            rel=1e-12)
     assert "scored" not in p.meta["grid_selection"]

@@ -9,10 +9,20 @@ across the processes and the gradients all-reduced (data parallel); rank 0 print
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 WORSE_STATUS = 3
+
+
+def _count_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'auto', got {text!r}") from None
 
 
 def add_parser(sub) -> None:
@@ -43,9 +53,9 @@ def add_parser(sub) -> None:
     g.add_argument("--plugin-order", type=int, help="Adams-Bashforth order of the plugin solvers")
     g.add_argument("--parameterization", choices=["ordered", "official", "paper"])
     g.add_argument("--init", choices=["deterministic", "randn", "end", "auto"],
-                   help="tables' start: deterministic r = k/(K+1) (the default recipe's); randn (official); end: "
-                        "every step but the last evaluated near its end, the last near its start; auto: each "
-                        "candidate grid from deterministic and from end (needs --select-noises)")
+                   help="tables' start: deterministic r = k/(K+1); randn (official); end: every step but the last "
+                        "evaluated near its end, the last near its start; auto (the default recipe's): each "
+                        "candidate grid from deterministic and from end (needs a selection set)")
     g.add_argument("--init-from", help="warm start from a parameter file (same or neighbouring NFE)")
     g.add_argument("--scale-dir", type=float, help="bound s_d of the direction scales")
     g.add_argument("--scale-time", type=float, help="bound s_t of the time scales")
@@ -75,14 +85,15 @@ def add_parser(sub) -> None:
     g.add_argument("--rollout", choices=["free", "teacher_forced"])
     g.add_argument("--bptt", choices=["full", "detached"])
     g.add_argument("--val-trajectories", type=int)
-    g.add_argument("--select-noises", type=int,
+    g.add_argument("--select-noises", type=_count_or_auto,
                    help="a selection set of this many noises (end points: DPM-Solver++(3M), 20 evaluations) picks the "
-                        "candidate (grid, init) after --select-after L-BFGS rounds and the best checkpoint; for models whose "
-                        "rare samples change mode, where 128 validation noises cannot tell candidates apart "
-                        "(e.g. 4096 on the d = 3072 mixture); 0 (default): off")
+                        "candidate (grid, init) and the best checkpoint instead of the 128 validation noises, which "
+                        "cannot see the rare samples that change mode; auto (the default recipe's): 8 per training "
+                        "trajectory (4096); 0: off (then --init deterministic)")
     g.add_argument("--select-after", type=int,
-                   help="L-BFGS rounds every candidate trains before the selection set picks one (default 2; "
-                        "the number of rounds or more: every candidate trains in full)")
+                   help="L-BFGS rounds every candidate trains before the grid of the best one is kept; its inits "
+                        "then finish and the selection set picks one (default 2; the number of rounds or more: "
+                        "every candidate trains in full)")
     g.add_argument("--val-every", type=int)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("files")
@@ -120,8 +131,6 @@ def _run(args, main: bool) -> int:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out does not exist: {out.parent}")
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
-    if args.select_noises and not args.checkpoint:
-        ckpt = None  # a selection run stops and continues its candidates: no checkpoint (an explicit one errors)
     if ckpt is not None and ckpt.exists() and not args.resume:
         raise FileExistsError(f"checkpoint {ckpt} exists: pass --resume to continue it, or remove it")
     points = args.teacher_points

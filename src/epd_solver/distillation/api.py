@@ -138,8 +138,6 @@ class DistillRun:
         self.data_parallel = world > 1 if data_parallel is None else bool(data_parallel)
         if self.data_parallel and world < 2:
             raise ValueError("data_parallel=True needs a torch.distributed group of several processes (torchrun)")
-        if self.data_parallel and c.select_noises:
-            raise ValueError("select_noises is not supported under data parallel yet: run it in one process")
         if self.data_parallel and c.trajectories < world:
             raise ValueError(f"{c.trajectories} training trajectories cannot be shared by {world} processes")
         if not self.data_parallel:
@@ -272,8 +270,6 @@ class DistillRun:
     def run(self, checkpoint=None, checkpoint_every: int = 50, resume: bool = False, init_from: Any = None,
             on_iteration=None) -> EPDParams:
         t0 = time.perf_counter()
-        if self.cfg.select_noises and checkpoint is not None:
-            raise ValueError("select_noises does not support checkpoints yet (the candidates stop and go on)")
         for path in checkpoint_paths(checkpoint, len(self.grids)):
             if path is not None and not resume and path.exists():
                 raise FileExistsError(f"checkpoint {path} exists: pass resume=True (--resume) to continue it")
@@ -312,18 +308,28 @@ class DistillRun:
             grid_tag += f":{self.init}"
         trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, checkpoint, checkpoint_every,
                           self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}{grid_tag}",
-                          data_parallel=self.data_parallel, label=self._grid_note())
+                          data_parallel=self.data_parallel, label=self._grid_note(),
+                          validate_from=min(c.select_after, c.lbfgs_rounds) * c.lbfgs_iterations if select is not None else 0)
         return dict(grid=grid, sigmas=self.sigmas, spec=spec, conv=conv, val_teacher=val_teacher, student=student,
                     loss=loss, tables=tables, restarts=restarts, trainer=trainer)
 
     def selection_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``select_noises`` start states (their own seed range) and their end points under SELECTION_REFERENCE,
-        a training-free solver cheap enough for thousands of noises (cached)."""
+        a training-free solver cheap enough for thousands of noises (cached; data parallel: rank 0 first, the
+        others read its cache entry)."""
+        if not self.data_parallel:
+            return self._selection_set()
+        from .. import distributed as dist_utils
+
+        with dist_utils.rank0_first():
+            return self._selection_set()
+
+    def _selection_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         from ..sampling import get_sampler
         from ..schedules import get_sigmas
 
         c = self.cfg
-        seeds = SeedRange(SELECTION_SEED_BASE, c.select_noises)
+        seeds = SeedRange(SELECTION_SEED_BASE, c.selection_noises)
         x = self.starts(seeds)
         solver, schedule, kwargs, n = SELECTION_REFERENCE
         key = {"model": self.fingerprint, "reference": [solver, schedule, kwargs, n], "dtype": str(self.dtype),
@@ -340,7 +346,7 @@ class DistillRun:
                            for i in range(0, x.shape[0], batch)])
         self.selection_seconds += time.perf_counter() - start
         self.cache.save("selection", key, seeds, {"x": y})
-        self.log(f"selection set: {c.select_noises} noises, {solver} on {n} {schedule} points "
+        self.log(f"selection set: {c.selection_noises} noises, {solver} on {n} {schedule} points "
                  f"({time.perf_counter() - start:.1f} s)")
         return x, y
 
@@ -362,18 +368,29 @@ class DistillRun:
         init = f" from init {self.init}" if self.cfg.init == AUTO else ""
         return f" on the {schedule_label(self.schedule, self.schedule_kwargs)} grid{init}"
 
-    def _select_grid(self, runs: list[dict[str, Any]], outcomes: list[Any]) -> tuple[int, dict[str, Any]]:
-        """The candidate grid with the lowest validation error (ties: the earlier one)."""
+    def _select_grid(self, runs: list[dict[str, Any]], outcomes: list[Any], note: str = "",
+                     until: int | None = None) -> tuple[int, dict[str, Any]]:
+        """The candidate with the lowest validation error up to iteration ``until`` (default: all; ties: the
+        earlier one), made current."""
+        def score(out) -> float:  # a resumed candidate may already be past ``until``
+            return out.best_val if until is None else \
+                min((h["val_rmse"] for h in out.history if h["iteration"] <= until), default=math.inf)
+
         rows = [{"schedule": run["grid"][0], "schedule_kwargs": run["grid"][1], "init": run["grid"][2],
                  "sigmas": run["sigmas"].tolist(),
-                 "teacher_points": run["spec"].points, "val_rmse": out.best_val}
+                 "teacher_points": run["spec"].points, "val_rmse": score(out)}
                 for run, out in zip(runs, outcomes)]
         best = min(range(len(runs)), key=lambda j: (rows[j]["val_rmse"], j))
+        if self.data_parallel:  # every rank validated the same tables on the same noises; rank 0's word is final
+            from .. import distributed as dist_utils
+
+            best = dist_utils.broadcast_object(best)
         for j, row in enumerate(rows):
             row["chosen"] = j == best
         self.use_grid(*runs[best]["grid"])
         self.teacher_spec = runs[best]["spec"]
-        self.log("grid chosen by validation: " + ", ".join(
+        scored = "the selection set" if self.cfg.selection_noises else "validation"
+        self.log(f"grid chosen by {scored}{' ' + note if note else ''}: " + ", ".join(
             f"{schedule_label(r['schedule'], r['schedule_kwargs'])}"
             f"{' init ' + r['init'] if self.cfg.init == AUTO else ''} {r['val_rmse']:.4g}{' <-' if r['chosen'] else ''}"
             for r in rows))
@@ -386,7 +403,7 @@ class DistillRun:
         own = SeedRange(self.train_seeds.start + lo, hi - lo)
         x0 = self.starts(own)
         paths = checkpoint_paths(checkpoint, len(self.grids))
-        select = self.selection_set() if c.select_noises else None
+        select = self.selection_set() if c.selection_noises else None
         runs, outcomes = [], []
         halving = select is not None and len(self.grids) > 1 and c.select_after < c.lbfgs_rounds
         until = c.select_after * c.lbfgs_iterations if halving else None
@@ -397,15 +414,27 @@ class DistillRun:
             trainer = run["trainer"] if until is not None else run.pop("trainer")  # data kept only to go on
             outcomes.append(trainer.run(resume=resume, until=until))
         selection = None
-        if len(runs) > 1:
+        if until is not None:  # the grid of the best candidate so far: its inits finish, then the best wins
+            best, early = self._select_grid(runs, outcomes, note=f"after {c.select_after} rounds", until=until)
+            same = [j for j, r in enumerate(runs) if _same_grid(r["grid"], runs[best]["grid"])]
+            for j in same:
+                outcomes[j] = runs[j]["trainer"].run()
+            for r in runs:
+                r.pop("trainer")
+            if len(same) > 1:
+                pick, final = self._select_grid([runs[j] for j in same], [outcomes[j] for j in same],
+                                                note="in full")
+                best = same[pick]
+            else:
+                final = None
+            selection = {"candidates": early["candidates"], "after_rounds": c.select_after,
+                         "scored": f"selection set after {c.select_after} of {c.lbfgs_rounds} rounds; the "
+                                   "candidates on the best grid then trained in full and scored again",
+                         "finished": final["candidates"] if final else None}
+        elif len(runs) > 1:
             best, selection = self._select_grid(runs, outcomes)
         else:
             best = 0
-        if until is not None:  # the candidate chosen on the selection set finishes its rounds
-            selection["scored"] = f"selection set after {c.select_after} of {c.lbfgs_rounds} rounds"
-            outcomes[best] = runs[best]["trainer"].run()
-            for r in runs:
-                r.pop("trainer")
         run, outcome = runs[best], outcomes[best]
         spec, conv, student, loss, tables = run["spec"], run["conv"], run["student"], run["loss"], run["tables"]
         restarts, val_teacher = run["restarts"], run["val_teacher"]
@@ -439,7 +468,7 @@ class DistillRun:
         if selection is not None:
             meta["grid_selection"] = selection
         if select is not None:  # training.*val* above are then errors on this set
-            meta["selection"] = {"noises": c.select_noises, "seeds": [SELECTION_SEED_BASE, c.select_noises],
+            meta["selection"] = {"noises": c.selection_noises, "seeds": [SELECTION_SEED_BASE, c.selection_noises],
                                  "reference": list(SELECTION_REFERENCE)}
         if outcome.nonfinite_skipped:
             self.log(f"{outcome.nonfinite_skipped} update(s) skipped: non-finite loss or gradient")
@@ -521,6 +550,10 @@ class DistillRun:
         spec = self.teacher_spec
         fine = teacher_grid(self.sigmas, spec, self.schedule, self.schedule_kwargs)
         return json.dumps(self._teacher_key(spec, fine), sort_keys=True)
+
+
+def _same_grid(a: tuple[str, dict[str, Any], str], b: tuple[str, dict[str, Any], str]) -> bool:
+    return a[0] == b[0] and a[1] == b[1]
 
 
 def checkpoint_paths(checkpoint: str | os.PathLike | None, grids: int) -> list[Path | None]:

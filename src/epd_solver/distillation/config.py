@@ -22,17 +22,21 @@ __all__ = ["DistillConfig", "RECIPES", "OPTIMIZERS", "GRID_CANDIDATES", "INIT_CA
 OPTIMIZERS = ("adam", "lbfgs")
 RECIPES = ("default", "official", "amed")
 AUTO = "auto"
-# schedule="auto": the student grids tried, each trained in full; the lowest validation error wins. The paper's
-# time-uniform grid, and polynomial rho = 2 for models whose mode decisions need steps at high noise (where a
-# gradient cannot move the grid: a sample ending in the wrong mode is a discrete event). Measurements:
-# benchmarks/results/distill_recipes_synthetic.md and _digits.md.
+# schedule="auto": the student grids tried. The paper's time-uniform grid, and polynomial rho = 2 for models whose
+# mode decisions need steps at high noise (where a gradient cannot move the grid: a sample ending in the wrong
+# mode is a discrete event). With a selection set (the default recipe) every (grid, init) candidate trains
+# select_after rounds, the best one's grid is kept and its inits finish; without one each grid trains in full
+# and the lowest validation error wins. Measurements: benchmarks/results/distill_recipes_synthetic.md, _digits.md.
 GRID_CANDIDATES: tuple[tuple[str, dict[str, float]], ...] = (("time_uniform", {}), ("polynomial", {"rho": 2.0}))
-# init="auto" (needs select_noises): every candidate grid from each of these inits.
+# init="auto" (needs a selection set): every candidate grid from each of these inits; "end" starts in the basin
+# that wins Para.NFE 5 on the d = 3072 mixture (synthetic_probe.md), "deterministic" wins elsewhere.
 INIT_CANDIDATES = ("deterministic", "end")
 # select_noises: the reference of the selection set, a training-free solver at 20 evaluations (on the d = 3072
 # mixture 0.009 RMSE to the exact end points and no sample in the wrong cluster of 2000;
 # benchmarks/results/synthetic_probe.md).
 SELECTION_REFERENCE = ("dpmpp_3m", "polynomial", {"rho": 7.0}, 21)
+# select_noises="auto" (the default recipe): this many selection noises per training trajectory (4096 for 512).
+SELECTION_PER_TRAJECTORY = 8
 
 
 @dataclasses.dataclass
@@ -71,7 +75,7 @@ class DistillConfig:
     learn_grid: bool = False
     progressive: bool = False
     val_trajectories: int = 128
-    select_noises: int = 0
+    select_noises: int | str = 0
     select_after: int = 2
     val_every: int = 50
     compare: bool = True
@@ -127,11 +131,12 @@ class DistillConfig:
                      "val_trajectories", "val_every", "select_after"):
             positive_int(name, getattr(self, name))
         positive_int("seed", self.seed, 0)
-        positive_int("select_noises", self.select_noises, 0)
-        if self.select_noises and self.optimizer != "lbfgs":
+        if self.select_noises != AUTO:
+            positive_int("select_noises", self.select_noises, 0)
+        if self.selection_noises and self.optimizer != "lbfgs":
             raise ValueError("select_noises picks a candidate after select_after L-BFGS rounds: it needs "
                              "optimizer='lbfgs'")
-        if self.init == AUTO and not self.select_noises:
+        if self.init == AUTO and not self.selection_noises:
             raise ValueError(f"init='auto' (each candidate grid from each of {INIT_CANDIDATES}) needs select_noises "
                              "> 0: the 128 validation noises cannot choose among inits (synthetic_probe.md)")
         if self.seed >= 100 or self.trajectories > 10_000_000:
@@ -142,6 +147,13 @@ class DistillConfig:
     def n_points(self) -> int:
         """Student grid points N: Para.NFE = 2(N-1) - [AFS]."""
         return (self.nfe + int(self.afs)) // 2 + 1
+
+    @property
+    def selection_noises(self) -> int:
+        """Noises of the selection set: ``select_noises``, "auto" = SELECTION_PER_TRAJECTORY x trajectories."""
+        if self.select_noises == AUTO:
+            return SELECTION_PER_TRAJECTORY * self.trajectories
+        return self.select_noises
 
     @property
     def branches(self) -> int:
@@ -181,7 +193,7 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
                     rollout="teacher_forced", bptt="detached", plugin_order=None)
     # default: see benchmarks/results/distill_recipes_digits.md and _synthetic.md
     return dict(schedule=AUTO, schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
-                init="deterministic", scale_dir=0.05, scale_time=0.05, teacher="dpm_2", teacher_points=AUTO,
+                init=AUTO, select_noises=AUTO, select_after=2, scale_dir=0.05, scale_time=0.05, teacher="dpm_2", teacher_points=AUTO,
                 teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
                 lr_floor=0.0, trajectories=512, batch=128, lbfgs_rounds=4, lbfgs_iterations=15, progressive=True,
                 plugin_order=3 if solver == "epd_plugin" else (4 if solver == "amed_plugin" else None))
@@ -198,4 +210,9 @@ def make_config(solver: str = "epd", nfe: int = 5, recipe: str = "default", **ov
         raise ValueError(f"{solver} inserts one point per step: K = 1, got k={overrides['k']}")
     if solver.startswith("amed"):
         values["k"] = 1
+    if values.get("select_noises") == AUTO and overrides.get("select_noises") is None \
+            and values.get("optimizer") != "lbfgs":
+        values["select_noises"] = 0  # the recipe's selection acts between L-BFGS rounds
+    if values.get("init") == AUTO and overrides.get("init") is None and values.get("select_noises") in (0, None):
+        values["init"] = "deterministic"  # the recipe's init="auto" needs a selection set; without one, its old start
     return DistillConfig(solver=solver, nfe=nfe, recipe=recipe, **values)

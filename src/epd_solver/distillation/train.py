@@ -84,13 +84,14 @@ class Trainer:
                  loss: DistillLoss, data: TrainData, extra_args: dict[str, Any] | None = None,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50, progress: bool = True,
                  on_iteration: Callable[[int, dict[str, float]], None] | None = None, run_key: str = "",
-                 data_parallel: bool = False, label: str = ""):
+                 data_parallel: bool = False, label: str = "", validate_from: int = 0):
         self.model, self.cfg, self.student, self.tables, self.loss = model, cfg, student, tables, loss
         self.data, self.extra_args = data, extra_args
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.progress, self.on_iteration = progress, on_iteration
         self.label = label  # shown after the progress bar's title (e.g. which candidate grid)
+        self.validate_from = int(validate_from)  # no validation before this iteration (a costly validation set)
         self.key = f"{config_hash(cfg)}:{run_key}"
         self.params = [p for p in tables.parameters() if p.requires_grad]
         self.n = data.total if data.total is not None else data.x0.shape[0]
@@ -124,6 +125,9 @@ class Trainer:
         if val < self.best_val:
             self.best_val, self.best_iteration, self.best_raw = val, self.iteration, self.tables.raw()
         return val
+
+    def _last_val(self) -> float:
+        return self.history[-1]["val_rmse"] if self.history else math.nan
 
     def _batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         x0, teacher = self.data.x0[idx], self.data.teacher[idx]
@@ -184,13 +188,13 @@ class Trainer:
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             adam_state = self._load_checkpoint()
             resumed_from = self.iteration
-        if self.iteration == 0 and not self.history:
+        if self.iteration == 0 and not self.history and self.validate_from == 0:
             self._record_validation()
         if self.cfg.optimizer == "adam":
             self._run_adam(adam_state)
         else:
             self._run_lbfgs(until)
-        final_val = self.history[-1]["val_rmse"] if self.history else math.nan
+        final_val = self._last_val()
         return TrainOutcome(self.best_raw, self.best_val, self.best_iteration, self.init_val, final_val,
                             self.iteration, self.nonfinite, list(self.history), resumed_from)
 
@@ -199,7 +203,7 @@ class Trainer:
                     desc=f"distill {self.cfg.solver} NFE {self.cfg.nfe}{self.label}", unit=unit, dynamic_ncols=True, leave=False)
 
     def _postfix(self, bar) -> None:
-        bar.set_postfix(loss=f"{self.running:.3e}", val=f"{self.history[-1]['val_rmse']:.4g}",
+        bar.set_postfix(loss=f"{self.running:.3e}", val=f"{self._last_val():.4g}",
                         best=f"{self.best_val:.4g}", refresh=False)
 
     def _run_adam(self, state: dict[str, torch.Tensor] | None) -> None:
@@ -228,7 +232,7 @@ class Trainer:
                 self._postfix(bar)
                 bar.update(1)
                 if self.on_iteration is not None:
-                    self.on_iteration(self.iteration, {"loss": self.running, "val": self.history[-1]["val_rmse"]})
+                    self.on_iteration(self.iteration, {"loss": self.running, "val": self._last_val()})
 
     def _zero_grad(self) -> None:
         for p in self.params:
@@ -282,13 +286,14 @@ class Trainer:
                     torch.nn.utils.vector_to_parameters(end.to(self.params[0].dtype), self.params)
                 self._zero_grad()
                 self.iteration += c.lbfgs_iterations
-                self._record_validation()
+                if self.iteration >= self.validate_from:
+                    self._record_validation()
                 if self.checkpoint is not None and self.main:
                     self._save_checkpoint(None)
                 self._postfix(bar)
                 bar.update(c.lbfgs_iterations)
                 if self.on_iteration is not None:
-                    self.on_iteration(self.iteration, {"loss": self.running, "val": self.history[-1]["val_rmse"]})
+                    self.on_iteration(self.iteration, {"loss": self.running, "val": self._last_val()})
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save_checkpoint(self, opt_state: dict[str, torch.Tensor] | None) -> None:
