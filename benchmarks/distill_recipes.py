@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from epd_solver.distillation import DistillRun, DiskCache, default_cache_dir, distill, make_config, model_fingerprint
-from epd_solver.distillation.config import AUTO, GRID_CANDIDATES
+from epd_solver.distillation.config import AUTO, GRID_CANDIDATES, recipe_defaults
 from epd_solver.distillation.noise import TEST_SEED_BASE, SeedRange, start_states
 from epd_solver.distillation.validate import exact_reference, rmse, run_baselines, score_baselines
 from epd_solver.epd import sample_epd
 from epd_solver.problems import get_problem
+from epd_solver.schedules import schedule_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROBLEMS = {"digits": "gmm:digits", "synthetic": "gmm:synthetic"}
@@ -38,8 +39,10 @@ EXACT_TEST_RTOL = 1e-10
 
 # name: (solver, recipe, overrides, what it measures)
 VARIANTS: dict[str, tuple[str, str, dict, str]] = {
-    "default": ("epd", "default", {}, "the default recipe (K = 2; grid chosen by validation between time-uniform "
-                "and polynomial rho = 2: time-uniform on the digits mixture, rho = 2 on the synthetic one, at every NFE)"),
+    "default": ("epd", "default", {}, "the default recipe (K = 2): four candidates, the time-uniform and the polynomial "
+                "rho = 2 grid each from the deterministic and the end init, train two L-BFGS rounds; the grid of the "
+                "best on the selection set (4096 noises, DPM-Solver++(3M) at 20 evaluations) is kept, its two inits "
+                "finish and the selection set picks one and its checkpoint"),
     "official": ("epd", "official", {}, "official preset: heun M=3, Adam lr 0.2 cosine, per-step L2, randn, "
                  "time-uniform, 10k trajectories, batch 32"),
     "official+teacher": ("epd", "official", {"teacher": "dpm_2", "teacher_points": "auto", "teacher_subgrid": "logsnr"},
@@ -58,12 +61,6 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "traj-256": ("epd", "default", {"trajectories": 256}, "default with 256 trajectories"),
     "full-rounds": ("epd", "default", {"progressive": False}, "default with every L-BFGS round on all trajectories"),
     "randn-init": ("epd", "default", {"init": "randn"}, "default with randn initialisation"),
-    "select-4096": ("epd", "default", {"select_noises": 4096, "init": "auto"},
-                    "default with init candidates (deterministic, end) per grid and a 4096-noise selection set "
-                    "(DPM-Solver++(3M), 20 evaluations) that picks (grid, init) after two rounds and the checkpoint"),
-    "select-4096-full": ("epd", "default", {"select_noises": 4096, "init": "auto", "select_after": 4},
-                         "as select-4096, but every candidate trains in full before the selection set picks one "
-                         "(2x the default's training)"),
     "restarts-3": ("epd", "default", {"restarts": 3}, "default, best of 3 starts (recipe init + 2 randn)"),
     "warm-start": ("epd", "default", {}, "default, initialised from the default table of Para.NFE n - 2"),
     "learn-grid": ("epd", "default", {"learn_grid": True}, "default with the interior grid points learned (--learn-grid)"),
@@ -122,6 +119,8 @@ class Bench:
                "version": 4}
         if make_config(solver, nfe, recipe, **{k: v for k, v in overrides.items() if k != "init_from"}).schedule == AUTO:
             key["grids"] = [[name, kw] for name, kw in GRID_CANDIDATES]  # the grid is chosen among these
+        if recipe == "default":  # the recipe's own defaults change between versions of the library
+            key["recipe_defaults"] = recipe_defaults(recipe, solver)
         hit = None if refresh else self.cache.load_json("bench_cells", key)
         if hit is not None:
             return hit
@@ -142,6 +141,7 @@ class Bench:
                "val_teacher_rmse_exact": v.get("teacher_rmse_exact"), "val_better": v["better"],
                "teacher": params.meta["teacher"], "teacher_nfe": params.meta["teacher_nfe"],
                "teacher_convergence": params.meta["teacher_convergence"]["final_rmse"],
+               "schedule": [params.meta["schedule"], params.meta["schedule_kwargs"]], "init": params.meta.get("init"),
                "seconds": seconds, "timing": params.meta["timing"], "training": {
                    k: params.meta["training"][k] for k in ("best_val_rmse", "best_iteration", "init_val_rmse",
                                                            "iterations", "nonfinite_skipped")}}
@@ -180,7 +180,8 @@ class Bench:
     def cold_timing(self, problem: str, nfe: int, model, refresh: bool = False) -> dict | None:
         """Default recipe, EPD K = 2, empty cache: wall time of the whole distillation (teacher included).
         Measured once (``--timing``) and kept in the cache; ``None`` when never measured."""
-        key = {"problem": problem, "nfe": nfe, "model": model_fingerprint(model), "version": 2}
+        key = {"problem": problem, "nfe": nfe, "model": model_fingerprint(model), "version": 2,
+               "recipe": recipe_defaults("default", "epd")}
         hit = self.cache.load_json("bench_timing", key)
         if hit is not None and not refresh:
             return hit
@@ -282,6 +283,11 @@ def write(report: dict, out: Path) -> None:
             if row:
                 lines.append(f"| {variant} | " + " | ".join(
                     f"{row[n_]['test_rmse']:.4g} ({row[n_]['ratio']:.2f})" if n_ in row else "" for n_ in nfes) + " |")
+        chosen = {c["nfe"]: c for c in cells if c["variant"] == "default" and c.get("schedule")}
+        if chosen:
+            lines.append("| default: grid, init chosen | " + " | ".join(
+                f"{schedule_label(chosen[n_]['schedule'][0], chosen[n_]['schedule'][1])}, {chosen[n_]['init']}"
+                if n_ in chosen else "" for n_ in nfes) + " |")
         lines += ["", "Equal total evaluations: test RMSE / best training-free RMSE at NFE = the learned solver's "
                   "evaluations per sample.", "",
                   "| variant | " + " | ".join(f"NFE {n_}" for n_ in nfes) + " |", "|---|" + "---|" * len(nfes)]
@@ -294,12 +300,12 @@ def write(report: dict, out: Path) -> None:
         lines.append("")
     if report["timing"]:
         lines += ["## Cold distillation time (default recipe, EPD K = 2, empty cache)", "",
-                  "| problem | NFE | wall s | CPU s | teacher s | train s | threads | load avg (1 min) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| problem | NFE | wall s | CPU s | teacher s | selection set s | train s | threads | load avg (1 min) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for t in report["timing"]:
             lines.append(f"| {t['problem']} | {t['nfe']} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} | "
-                         f"{t['timing']['teacher_s']:.1f} | {t['timing']['train_s']:.1f} | {t['threads']} | "
-                         f"{t['loadavg_1min']:.1f} |")
+                         f"{t['timing']['teacher_s']:.1f} | {t['timing'].get('selection_s', 0.0):.1f} | "
+                         f"{t['timing']['train_s']:.1f} | {t['threads']} | {t['loadavg_1min']:.1f} |")
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out.with_suffix(".md"))

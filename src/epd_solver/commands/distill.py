@@ -47,8 +47,8 @@ def add_parser(sub) -> None:
     g.add_argument("--afs", dest="afs", action="store_true", default=None, help="analytical first step")
     g.add_argument("--no-afs", dest="afs", action="store_false")
     g.add_argument("--schedule", choices=["auto", "time_uniform", "polynomial", "logsnr"],
-                   help="student grid; auto (the default recipe's): distil on time_uniform and on polynomial "
-                        "rho 2, keep the one with the lower validation error")
+                   help="student grid; auto (the default recipe's): candidates on time_uniform and on polynomial "
+                        "rho 2, the one with the lower error on the selection set (or validation) is kept")
     g.add_argument("--rho", type=float, help="schedule exponent (polynomial, time_uniform)")
     g.add_argument("--plugin-order", type=int, help="Adams-Bashforth order of the plugin solvers")
     g.add_argument("--parameterization", choices=["ordered", "official", "paper"])

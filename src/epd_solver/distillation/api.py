@@ -415,7 +415,7 @@ class DistillRun:
             outcomes.append(trainer.run(resume=resume, until=until))
         selection = None
         if until is not None:  # the grid of the best candidate so far: its inits finish, then the best wins
-            best, early = self._select_grid(runs, outcomes, note=f"after {c.select_after} rounds", until=until)
+            best, early = self._select_grid(runs, outcomes, note=f"after {c.select_after} round{'s' * (c.select_after > 1)}", until=until)
             same = [j for j, r in enumerate(runs) if _same_grid(r["grid"], runs[best]["grid"])]
             for j in same:
                 outcomes[j] = runs[j]["trainer"].run()
