@@ -68,7 +68,8 @@ def test_selection_keeps_the_best_grid_after_two_rounds_and_its_inits_go_on_as_i
     same = [j for j, c in enumerate(cands) if c["schedule"] == cands[lead]["schedule"]]
     assert len(same) == len(INIT_CANDIDATES)
     finals = [alone[j].meta["training"]["best_val_rmse"] for j in same]
-    assert [(f["schedule"], f["init"]) for f in sel["finished"]] == [(cands[j]["schedule"], cands[j]["init"]) for j in same]
+    assert [(f["schedule"], f["init"]) for f in sel["finished"]] == [(cands[j]["schedule"], cands[j]["init"])
+                                                                      for j in same]
     assert [f["val_rmse"] for f in sel["finished"]] == pytest.approx(finals, rel=1e-12)
     best = same[finals.index(min(finals))]
     assert (p.meta["schedule"], p.meta["init"]) == (cands[best]["schedule"], cands[best]["init"])

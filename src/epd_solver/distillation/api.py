@@ -306,10 +306,11 @@ class DistillRun:
         grid_tag = f":{self.schedule}{json.dumps(self.schedule_kwargs, sort_keys=True)}" if len(self.grids) > 1 else ""
         if c.init == AUTO:
             grid_tag += f":{self.init}"
+        # a selection set is scored from the round where candidates are compared on (its validations are costly)
+        first = 0 if select is None else min(c.select_after, c.lbfgs_rounds) * c.lbfgs_iterations
         trainer = Trainer(self.model, c, student, tables, loss, data, self.extra_args, checkpoint, checkpoint_every,
                           self.progress, on_iteration, run_key=f"{self.fingerprint}:{spec.points}{grid_tag}",
-                          data_parallel=self.data_parallel, label=self._grid_note(),
-                          validate_from=min(c.select_after, c.lbfgs_rounds) * c.lbfgs_iterations if select is not None else 0)
+                          data_parallel=self.data_parallel, label=self._grid_note(), validate_from=first)
         return dict(grid=grid, sigmas=self.sigmas, spec=spec, conv=conv, val_teacher=val_teacher, student=student,
                     loss=loss, tables=tables, restarts=restarts, trainer=trainer)
 
@@ -415,7 +416,8 @@ class DistillRun:
             outcomes.append(trainer.run(resume=resume, until=until))
         selection = None
         if until is not None:  # the grid of the best candidate so far: its inits finish, then the best wins
-            best, early = self._select_grid(runs, outcomes, note=f"after {c.select_after} round{'s' * (c.select_after > 1)}", until=until)
+            rounds = f"after {c.select_after} round{'s' * (c.select_after > 1)}"
+            best, early = self._select_grid(runs, outcomes, note=rounds, until=until)
             same = [j for j, r in enumerate(runs) if _same_grid(r["grid"], runs[best]["grid"])]
             for j in same:
                 outcomes[j] = runs[j]["trainer"].run()

@@ -131,8 +131,9 @@ class DistillConfig:
                      "val_trajectories", "val_every", "select_after"):
             positive_int(name, getattr(self, name))
         positive_int("seed", self.seed, 0)
-        if self.select_noises != AUTO:
-            positive_int("select_noises", self.select_noises, 0)
+        if self.select_noises != AUTO and (isinstance(self.select_noises, bool)
+                                           or not isinstance(self.select_noises, int) or self.select_noises < 0):
+            raise ValueError(f"select_noises must be an integer >= 0 or 'auto', got {self.select_noises!r}")
         if self.selection_noises and self.optimizer != "lbfgs":
             raise ValueError("select_noises picks a candidate after select_after L-BFGS rounds: it needs "
                              "optimizer='lbfgs'")
@@ -193,7 +194,8 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
                     rollout="teacher_forced", bptt="detached", plugin_order=None)
     # default: see benchmarks/results/distill_recipes_digits.md and _synthetic.md
     return dict(schedule=AUTO, schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
-                init=AUTO, select_noises=AUTO, select_after=2, scale_dir=0.05, scale_time=0.05, teacher="dpm_2", teacher_points=AUTO,
+                init=AUTO, select_noises=AUTO, select_after=2, scale_dir=0.05, scale_time=0.05, teacher="dpm_2",
+                teacher_points=AUTO,
                 teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
                 lr_floor=0.0, trajectories=512, batch=128, lbfgs_rounds=4, lbfgs_iterations=15, progressive=True,
                 plugin_order=3 if solver == "epd_plugin" else (4 if solver == "amed_plugin" else None))
