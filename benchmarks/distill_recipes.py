@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "traj-256": ("epd", "default", {"trajectories": 256}, "default with 256 trajectories"),
     "full-rounds": ("epd", "default", {"progressive": False}, "default with every L-BFGS round on all trajectories"),
     "randn-init": ("epd", "default", {"init": "randn"}, "default with randn initialisation"),
+    **{f"seed-{k}": ("epd", "default", {"seed": k}, f"default with training seed {k} (other training noises)")
+       for k in (1, 2, 3)},
     "restarts-3": ("epd", "default", {"restarts": 3}, "default, best of 3 starts (recipe init + 2 randn)"),
     "warm-start": ("epd", "default", {}, "default, initialised from the default table of Para.NFE n - 2"),
     "learn-grid": ("epd", "default", {"learn_grid": True}, "default with the interior grid points learned (--learn-grid)"),
