@@ -187,7 +187,7 @@ def _run(args, main: bool) -> int:
         print(report_line(v))
     if v and not v["better"] and not args.allow_worse:
         print(f"epd distill: the distilled {params.solver} is NOT better than the best training-free solver at "
-              f"Para.NFE {nfe['para_nfe']} on the held-out noises; nothing written to {out} (rerun with --resume "
+              f"Para.NFE {nfe['para_nfe']} on the {'check set' if 'check' in v else 'held-out noises'}; nothing written to {out} (rerun with --resume "
               f"--allow-worse to write it anyway)", file=sys.stderr)
         return WORSE_STATUS
     params.save(out, overwrite=args.force)

@@ -76,6 +76,25 @@ class BaselineConfig:
     def sigmas(self, sigma_min: float, sigma_max: float) -> torch.Tensor:
         return get_sigmas(self.schedule, self.n_points, sigma_min, sigma_max, **dict(self.schedule_kwargs))
 
+    @classmethod
+    def of_row(cls, row: Mapping[str, Any]) -> "BaselineConfig":
+        """The configuration of a row of :func:`run_baselines` / :func:`score_baselines`."""
+        return cls(row["solver"], row["schedule"], _items(row["schedule_kwargs"]), int(row["n_points"]),
+                   _items(row["knobs"]), row["setting"])
+
+    def run(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, sigma_min: float, sigma_max: float,
+            extra_args: dict[str, Any] | None = None, batch: int = 512):
+        """End points from ``x0`` (no grad) and the sampler's last info."""
+        sampler = get_sampler(self.solver)
+        sig = self.sigmas(sigma_min, sigma_max).to(x0.dtype)
+        outs, info = [], None
+        with torch.no_grad():
+            for i in range(0, x0.shape[0], batch):
+                o, info = sampler(model, x0[i:i + batch], sig, extra_args, None, True, return_info=True,
+                                  **dict(self.knobs))
+                outs.append(o)
+        return torch.cat(outs), info
+
 
 def _items(d: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(d.items()))
@@ -116,18 +135,11 @@ def run_baselines(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int
     and end points (``"output"``)."""
     rows = []
     for cfg in baseline_configs(nfe, solvers):
-        sampler = get_sampler(cfg.solver)
-        sig = cfg.sigmas(sigma_min, sigma_max)
-        outs, info = [], None
-        with torch.no_grad():
-            for i in range(0, x0.shape[0], batch):
-                o, info = sampler(model, x0[i:i + batch], sig.to(x0.dtype), extra_args, None, True,
-                                  return_info=True, **dict(cfg.knobs))
-                outs.append(o)
+        output, info = cfg.run(model, x0, sigma_min, sigma_max, extra_args, batch)
         rows.append({"solver": cfg.solver, "label": cfg.label(), "setting": cfg.setting, "schedule": cfg.schedule,
                      "schedule_kwargs": dict(cfg.schedule_kwargs), "n_points": cfg.n_points, "afs": cfg.afs,
                      "knobs": dict(cfg.knobs), "para_nfe": info.nfe.para_nfe, "evaluations": info.nfe.evaluations,
-                     "output": torch.cat(outs)})
+                     "output": output})
     return rows
 
 
