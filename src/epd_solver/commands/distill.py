@@ -131,7 +131,7 @@ def _run(args, main: bool) -> int:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out does not exist: {out.parent}")
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
-    if ckpt is not None and ckpt.exists() and not args.resume:
+    if ckpt.exists() and not args.resume:
         raise FileExistsError(f"checkpoint {ckpt} exists: pass --resume to continue it, or remove it")
     points = args.teacher_points
     if points is not None and points != "auto":
@@ -186,15 +186,16 @@ def _run(args, main: bool) -> int:
 
         print(report_line(v))
     if v and not v["better"] and not args.allow_worse:
+        where = "check set" if "check" in v else "held-out noises"
         print(f"epd distill: the distilled {params.solver} is NOT better than the best training-free solver at "
-              f"Para.NFE {nfe['para_nfe']} on the {'check set' if 'check' in v else 'held-out noises'}; nothing written to {out} (rerun with --resume "
+              f"Para.NFE {nfe['para_nfe']} on the {where}; nothing written to {out} (rerun with --resume "
               f"--allow-worse to write it anyway)", file=sys.stderr)
         return WORSE_STATUS
     params.save(out, overwrite=args.force)
     from ..distillation.api import checkpoint_paths
 
     for path in checkpoint_paths(ckpt, len(params.meta.get("grid_selection", {}).get("candidates", [None]))):
-        if path is not None and path.exists():
+        if path.exists():
             path.unlink()
     print(f"wrote {out}")
     return 0

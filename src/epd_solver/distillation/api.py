@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -329,33 +330,23 @@ class DistillRun:
         return self._reference_set(SeedRange(CHECK_SEED_BASE, max(1, self.cfg.selection_noises // 2)), "check set")
 
     def _reference_set(self, seeds: SeedRange, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.data_parallel:
-            return self._reference_ends(seeds, what)
         from .. import distributed as dist_utils
-
-        with dist_utils.rank0_first():
-            return self._reference_ends(seeds, what)
-
-    def _reference_ends(self, seeds: SeedRange, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..sampling import get_sampler
-        from ..schedules import get_sigmas
 
         x = self.starts(seeds)
         solver, schedule, kwargs, n = SELECTION_REFERENCE
         key = {"model": self.fingerprint, "reference": [solver, schedule, kwargs, n], "dtype": str(self.dtype),
                "shape": list(self.shape), "prior_scale": self.prior_scale, "sigma_range": [self.sigma_min, self.sigma_max],
                "extra_args": _digest(self.extra_args)}
-        hit = self.cache.load("selection", key, seeds)
-        if hit is not None:
-            return x, hit["x"].to(x.device)
-        start = time.perf_counter()
-        sigmas = get_sigmas(schedule, n, self.sigma_min, self.sigma_max, **kwargs).to(device=x.device, dtype=x.dtype)
-        sampler, batch = get_sampler(solver), self._rows_per_batch(1024)
-        with torch.no_grad():
-            y = torch.cat([sampler(self.model, x[i:i + batch], sigmas, self.extra_args, None, True)
-                           for i in range(0, x.shape[0], batch)])
-        self.selection_seconds += time.perf_counter() - start
-        self.cache.save("selection", key, seeds, {"x": y})
+        with dist_utils.rank0_first() if self.data_parallel else contextlib.nullcontext():
+            hit = self.cache.load("selection", key, seeds)
+            if hit is not None:
+                return x, hit["x"].to(x.device)
+            start = time.perf_counter()
+            reference = BaselineConfig(solver, schedule, tuple(sorted(kwargs.items())), n, (), "reference")
+            y, _ = reference.run(self.model, x, self.sigma_min, self.sigma_max, self.extra_args,
+                                 batch=self._rows_per_batch(1024))
+            self.selection_seconds += time.perf_counter() - start
+            self.cache.save("selection", key, seeds, {"x": y})
         self.log(f"{what}: {seeds.count} noises, {solver} on {n} {schedule} points "
                  f"({time.perf_counter() - start:.1f} s)")
         return x, y
@@ -427,7 +418,7 @@ class DistillRun:
         if until is not None:  # the grid of the best candidate so far: its inits finish, then the best wins
             rounds = f"after {c.select_after} round{'s' * (c.select_after > 1)}"
             best, early = self._select_grid(runs, outcomes, note=rounds, until=until)
-            same = [j for j, r in enumerate(runs) if _same_grid(r["grid"], runs[best]["grid"])]
+            same = [j for j, r in enumerate(runs) if r["grid"][:2] == runs[best]["grid"][:2]]  # (schedule, kwargs)
             for j in same:
                 outcomes[j] = runs[j]["trainer"].run()
             for r in runs:
@@ -547,9 +538,11 @@ class DistillRun:
         out["better"] = bool(out["student_rmse"] < out["baseline_rmse"])
         out["ratio"] = out["student_rmse"] / out["baseline_rmse"] if out["baseline_rmse"] > 0 else math.inf
         if out["baseline_rmse"] > 0:  # how sure: the paired bootstrap over the held-out noises
-            rows = self._field if self._field is not None else run_baselines(
-                self.model, val_x0, c.nfe, self.sigma_min, self.sigma_max, self.extra_args, solvers=[best["solver"]])
-            base_end = next(r["output"] for r in rows if r["label"] == best["label"])
+            if self._field is not None:
+                base_end = next(r["output"] for r in self._field if r["label"] == best["label"])
+            else:  # the field came from the cache: run only the best configuration again
+                base_end, _ = BaselineConfig.of_row(best).run(self.model, val_x0, self.sigma_min, self.sigma_max,
+                                                              self.extra_args)
             target = refs[ref][1]
             lo, hi = ratio_interval(sample_mse(end, target), sample_mse(base_end, target))
             out.update(ratio_interval=[lo, hi], conclusive=bool(hi < 1 or lo > 1))
@@ -588,10 +581,6 @@ class DistillRun:
         spec = self.teacher_spec
         fine = teacher_grid(self.sigmas, spec, self.schedule, self.schedule_kwargs)
         return json.dumps(self._teacher_key(spec, fine), sort_keys=True)
-
-
-def _same_grid(a: tuple[str, dict[str, Any], str], b: tuple[str, dict[str, Any], str]) -> bool:
-    return a[0] == b[0] and a[1] == b[1]
 
 
 def checkpoint_paths(checkpoint: str | os.PathLike | None, grids: int) -> list[Path | None]:

@@ -3,7 +3,8 @@
 Shared by both: the backbone is frozen (only the tables get gradients), non-finite losses or gradients are
 detected, counted and their update skipped, the held-out validation error (student end point vs teacher
 end point, or a selection set's reference) is measured at the start and periodically (or from
-``validate_from`` on, for a costly set), the best tables by validation are kept (not the last), and checkpoints (safetensors + JSON state) make a killed run resumable to the same result.
+``validate_from`` on, for a costly set), the best tables by validation are kept (not the last), and
+checkpoints (safetensors + JSON state) make a killed run resumable to the same result.
 Batches depend only on (seed, iteration), the learning rate only on the iteration, so a resumed run
 repeats exactly what the uninterrupted one would have done.
 

@@ -86,7 +86,7 @@ class BaselineConfig:
             extra_args: dict[str, Any] | None = None, batch: int = 512):
         """End points from ``x0`` (no grad) and the sampler's last info."""
         sampler = get_sampler(self.solver)
-        sig = self.sigmas(sigma_min, sigma_max).to(x0.dtype)
+        sig = self.sigmas(sigma_min, sigma_max).to(device=x0.device, dtype=x0.dtype)
         outs, info = [], None
         with torch.no_grad():
             for i in range(0, x0.shape[0], batch):

@@ -17,7 +17,8 @@ with ``seed``, tables in the order position, weight, direction, time), as the of
 ``"end"`` evaluates every step but the last mostly at its end (K = 2: r = (0.5, 0.99), lam = (0.1, 0.9)) and
 the last step near its start (r = (0.01, 0.25), lam = (0.8, 0.2)), c = a = 1: the structure of the tables
 that keep rare samples in their mode on the synthetic mixture at Para.NFE 5 (see
-benchmarks/results/synthetic_probe.md; not the default: worse at NFE 9 there and on the digits mixture).
+benchmarks/results/synthetic_probe.md). The default recipe tries it beside the deterministic init
+(``init="auto"`` in distillation) and keeps the better on its selection set.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def _check_scale(name: str, s: Any) -> float:
 def _end_init(steps: int, k: int) -> tuple[torch.Tensor, ...]:
     """Natural tables of ``init="end"`` (see the module docstring)."""
     f64 = dict(dtype=torch.float64)
-    frac = torch.arange(k, **f64) / max(k - 1, 1)
     if k == 1:
         inner, last, w_inner, w_last = (torch.tensor([v], **f64) for v in (0.99, 0.25, 1.0, 1.0))
     else:
+        frac = torch.arange(k, **f64) / (k - 1)
         inner, last = 0.5 + 0.49 * frac, 0.01 + 0.24 * frac
         w_inner = torch.cat([torch.full((k - 1,), 0.1 / (k - 1), **f64), torch.tensor([0.9], **f64)])
         w_last = torch.cat([torch.tensor([0.8], **f64), torch.full((k - 1,), 0.2 / (k - 1), **f64)])
