@@ -284,7 +284,12 @@ def test_load_local_folders(tmp_path):
         for path in (tmp_path / "model" / "unet", tmp_path / "model", tmp_path / "pipe"):
             den = load_diffusers_model(path)
             assert den.kind == "vp_v" and den.shape == (3, 16, 16)
-            assert torch.equal(den(x, sigma), want), path
+            loaded = den.net.model.state_dict()
+            assert loaded.keys() == unet.state_dict().keys()
+            assert all(torch.equal(v, loaded[k]) for k, v in unet.state_dict().items()), path  # the same weights
+            # the same function: two model instances need not give the same bits (MKL's AVX2 kernels depend on
+            # the buffers' alignment: 2.7e-7 apart there), so float32 rounding is allowed, nothing more
+            torch.testing.assert_close(den(x, sigma), want, rtol=1e-6, atol=1e-6, msg=str(path))
     assert load_diffusers_model(tmp_path / "pipe").pipeline is not None
     sd3 = tiny_sd3_pipe()
     sd3.transformer.save_pretrained(tmp_path / "sd3" / "transformer")
@@ -296,7 +301,10 @@ def test_load_local_folders(tmp_path):
     x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
     sigma = torch.tensor([0.9, 0.2], dtype=torch.float64)
     with torch.no_grad():
-        assert flow.kind == "flow" and torch.equal(flow(x, sigma, **cond), diffusers_denoiser(sd3)(x, sigma, **cond))
+        assert flow.kind == "flow"
+        assert all(torch.equal(v, flow.net.model.state_dict()[k]) for k, v in sd3.transformer.state_dict().items())
+        torch.testing.assert_close(flow(x, sigma, **cond), diffusers_denoiser(sd3)(x, sigma, **cond),
+                                   rtol=1e-6, atol=1e-6)
         v = sd3.transformer(hidden_states=x.float(), timestep=sigma.float() * 1000, return_dict=False,
                             **{k: c.float() for k, c in cond.items()})[0]
     torch.testing.assert_close(flow(x, sigma, **cond), x - sigma.view(-1, 1, 1, 1) * v.double())  # D = x - sigma v

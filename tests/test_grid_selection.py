@@ -4,7 +4,10 @@ error wins, and the result is the run on that grid alone."""
 import pytest
 import torch
 
-from epd_solver.distillation import distill, make_config
+import epd_solver
+from epd_solver import sample_epd
+from epd_solver.distillation.noise import SeedRange, VALIDATION_SEED_BASE
+from epd_solver.distillation import DistillRun, distill, make_config
 from epd_solver.distillation.config import GRID_CANDIDATES
 from epd_solver.problems import digits_mixture
 from epd_solver.schedules import get_sigmas
@@ -23,8 +26,16 @@ def test_auto_grid_keeps_the_best_candidate_and_equals_the_run_on_that_grid(tmp_
                      schedule_kwargs=c["schedule_kwargs"], **OPTS) for c in cands]
     vals = [q.meta["training"]["best_val_rmse"] for q in alone]
     assert [c["val_rmse"] for c in cands] == pytest.approx(vals, rel=1e-12)  # each candidate = its own run
-    assert len(set(vals)) == len(vals)
-    best = vals.index(min(vals))
+    # the grids have their own teachers: the choice compares the candidates against their mean teacher end point
+    # each grid has its own teacher: the choice scores every candidate's table against one shared reference,
+    # DPM-Solver++(3M) on 21 polynomial (rho = 7) points
+    val_x0 = DistillRun(gm, "epd", 5, cache_dir=tmp_path / "alone", **OPTS).starts(SeedRange(VALIDATION_SEED_BASE, 32))
+    reference = epd_solver.sample(gm, val_x0, get_sigmas("polynomial", 21, gm.sigma_min, gm.sigma_max, rho=7.0),
+                                  solver="dpmpp_3m")[0]
+    common = [(sample_epd(gm, val_x0, q.sigmas, q) - reference).pow(2).mean().sqrt().item() for q in alone]
+    assert [c["common_rmse"] for c in cands] == pytest.approx(common, rel=1e-9)
+    assert len(set(common)) == len(common)
+    best = common.index(min(common))
     assert [c["chosen"] for c in cands] == [j == best for j in range(len(cands))]
     name, kwargs = cands[best]["schedule"], cands[best]["schedule_kwargs"]
     assert (p.meta["schedule"], p.meta["schedule_kwargs"]) == (name, kwargs)

@@ -149,9 +149,10 @@ def test_bundled_model_seeds_0_63_agree_for_1_and_2_processes_and_batch_8_and_64
         assert main(DIGITS + ["--seeds", "0-63", "--batch", str(b), "--out", str(tmp_path / str(b))]) == 0
         outs[f"1proc_b{b}"] = load(tmp_path / str(b), range(64))
     # Not bitwise: the float32 network's conv/GEMM kernels sum in another order for 8-row batches than for
-    # 32 or 64 (measured 7.5e-7 here; a float64 network gives identical bits).
+    # 32 or 64 (measured 7.5e-7 with MKL's AVX-512 kernels, 1.01e-6 with its AVX2 ones: float32 rounding
+    # through the network, which is what the bound allows; a float64 network gives identical bits).
     for name, out in outs.items():
-        assert out.shape == (64, 1, 8, 8) and rel(out, ref) <= 1e-6, name
+        assert out.shape == (64, 1, 8, 8) and rel(out, ref) <= 4e-6, name
 
 
 def test_distributed_stats_from_the_command_equal_numpy(two_process_outputs):

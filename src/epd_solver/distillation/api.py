@@ -369,10 +369,25 @@ class DistillRun:
         init = f" from init {self.init}" if self.cfg.init == AUTO else ""
         return f" on the {schedule_label(self.schedule, self.schedule_kwargs)} grid{init}"
 
+    def _common_scores(self, runs: list[dict[str, Any]], outcomes: list[Any], val_x0: torch.Tensor) -> list[float]:
+        """Each candidate's best tables scored on the validation noises against one reference shared by all
+        (SELECTION_REFERENCE, as for a selection set). Each grid has its own teacher, so errors against it do not
+        compare across grids: every candidate may fit its own teacher to rounding level while the teachers' own
+        errors to the true end point differ by half (a 2-step grid's sub-grid teacher), and the choice would fall
+        to rounding."""
+        reference = self._reference_set(self.val_seeds, "validation reference")[1]
+        scores = []
+        with torch.no_grad():
+            for run, out in zip(runs, outcomes):
+                run["tables"].load_raw_(out.best_raw)
+                scores.append(rmse(run["student"].sample(self.model, run["tables"], val_x0, self.extra_args),
+                                   reference))
+        return scores
+
     def _select_grid(self, runs: list[dict[str, Any]], outcomes: list[Any], note: str = "",
-                     until: int | None = None) -> tuple[int, dict[str, Any]]:
+                     until: int | None = None, common: list[float] | None = None) -> tuple[int, dict[str, Any]]:
         """The candidate with the lowest validation error up to iteration ``until`` (default: all; ties: the
-        earlier one), made current."""
+        earlier one), made current; with ``common`` (see :meth:`_common_scores`) the lowest of those."""
         def score(out) -> float:  # a resumed candidate may already be past ``until``
             return out.best_val if until is None else \
                 min((h["val_rmse"] for h in out.history if h["iteration"] <= until), default=math.inf)
@@ -381,7 +396,11 @@ class DistillRun:
                  "sigmas": run["sigmas"].tolist(),
                  "teacher_points": run["spec"].points, "val_rmse": score(out)}
                 for run, out in zip(runs, outcomes)]
-        best = min(range(len(runs)), key=lambda j: (rows[j]["val_rmse"], j))
+        if common is not None:
+            for row, value in zip(rows, common):
+                row["common_rmse"] = value
+        key = "val_rmse" if common is None else "common_rmse"
+        best = min(range(len(runs)), key=lambda j: (rows[j][key], j))
         if self.data_parallel:  # every rank validated the same tables on the same noises; rank 0's word is final
             from .. import distributed as dist_utils
 
@@ -390,10 +409,11 @@ class DistillRun:
             row["chosen"] = j == best
         self.use_grid(*runs[best]["grid"])
         self.teacher_spec = runs[best]["spec"]
-        scored = "the selection set" if self.cfg.selection_noises else "validation"
+        scored = "the selection set" if self.cfg.selection_noises else \
+            "validation against a reference shared by the grids" if common is not None else "validation"
         self.log(f"grid chosen by {scored}{' ' + note if note else ''}: " + ", ".join(
             f"{schedule_label(r['schedule'], r['schedule_kwargs'])}"
-            f"{' init ' + r['init'] if self.cfg.init == AUTO else ''} {r['val_rmse']:.4g}{' <-' if r['chosen'] else ''}"
+            f"{' init ' + r['init'] if self.cfg.init == AUTO else ''} {r[key]:.4g}{' <-' if r['chosen'] else ''}"
             for r in rows))
         return best, {"candidates": rows}
 
@@ -433,8 +453,8 @@ class DistillRun:
                          "scored": f"selection set after {c.select_after} of {c.lbfgs_rounds} rounds; the "
                                    "candidates on the best grid then trained in full and scored again",
                          "finished": final["candidates"] if final else None}
-        elif len(runs) > 1:
-            best, selection = self._select_grid(runs, outcomes)
+        elif len(runs) > 1:  # no selection set: the validation noises, against one reference for all grids
+            best, selection = self._select_grid(runs, outcomes, common=self._common_scores(runs, outcomes, val_x0))
         else:
             best = 0
         run, outcome = runs[best], outcomes[best]
