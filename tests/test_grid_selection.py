@@ -26,7 +26,6 @@ def test_auto_grid_keeps_the_best_candidate_and_equals_the_run_on_that_grid(tmp_
                      schedule_kwargs=c["schedule_kwargs"], **OPTS) for c in cands]
     vals = [q.meta["training"]["best_val_rmse"] for q in alone]
     assert [c["val_rmse"] for c in cands] == pytest.approx(vals, rel=1e-12)  # each candidate = its own run
-    # the grids have their own teachers: the choice compares the candidates against their mean teacher end point
     # each grid has its own teacher: the choice scores every candidate's table against one shared reference,
     # DPM-Solver++(3M) on 21 polynomial (rho = 7) points
     val_x0 = DistillRun(gm, "epd", 5, cache_dir=tmp_path / "alone", **OPTS).starts(SeedRange(VALIDATION_SEED_BASE, 32))
