@@ -90,7 +90,7 @@ def _ordering_text(rows: list[dict[str, Any]], nfe: int) -> list[str]:
             lines.append(f"  Paper's chain ({o['paper_chain']}): {verdict}.")
     paper = {s: v[1] for s, v in PAPER_FID.items() if any(r["solver"] == s for r in rows)}
     if paper:
-        lines.append("- Paper, CIFAR-10 FID at NFE 5 (EPD.md §13): "
+        lines.append("- Paper (arXiv 2507.14797), CIFAR-10 FID at NFE 5: "
                      + " < ".join(f"{row_name(s)} {v:g}" for s, v in sorted(paper.items(), key=lambda kv: kv[1]))
                      + ".")
     return lines
