@@ -306,6 +306,26 @@ def test_module_function_names_resolve_with_named_errors():
         import_callable("epd_solver.problems", "--features")
 
 
+def test_a_user_model_from_the_command_line_needs_its_shape_and_sigma_range(tmp_path, monkeypatch):
+    import epd_solver
+    from epd_solver.resolve import load_model, sample_shape
+
+    (tmp_path / "user_models.py").write_text(
+        "import epd_solver\n"
+        "def net(x, sigma):\n    return x / (1 + sigma.view(-1, 1) ** 2)\n"
+        "def bare():\n    return net\n"
+        "def wrapped():\n    return epd_solver.as_denoiser(net, 0.002, 80.0, shape=(4,), name='toy')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load_model("user_models:wrapped")
+    assert sample_shape(m) == (4,) and (m.sigma_min, m.sigma_max, m.name) == (0.002, 80.0, "toy")
+    x = torch.ones(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(m(x, torch.full((3,), 2.0, dtype=torch.float64)), x / 5)
+    with pytest.raises(ValueError, match=r"has no shape, sigma_min, sigma_max.*as_denoiser\(net, sigma_min="):
+        load_model("user_models:bare")
+    with pytest.raises(ValueError, match="shape must be a tuple of positive ints"):
+        epd_solver.as_denoiser(lambda x, s: x, 0.002, 80.0, shape=(0, 8))
+
+
 def test_write_atomic_replaces_only_when_asked_and_cleans_up(tmp_path, monkeypatch):
     import os
     from pathlib import Path

@@ -38,6 +38,7 @@ class Denoiser:
     - ``cfg_multiplier``: network rows per denoiser row (2 under classifier-free guidance).
     - ``afs_allowed``: whether the analytical first step is valid (False for flow matching).
     - ``name``: a model id recorded in parameter files.
+    - ``shape``: the per-sample shape of the data (e.g. ``(3, 64, 64)``), used by the command line.
     """
 
     kind = "callable"
@@ -89,22 +90,31 @@ class EDMDenoiser(Denoiser):
     kind = "edm"
 
     def __init__(self, fn: Callable[..., torch.Tensor], sigma_min: float | None = None,
-                 sigma_max: float | None = None, name: str = "edm"):
+                 sigma_max: float | None = None, name: str = "edm", shape: tuple[int, ...] | None = None):
         super().__init__(sigma_min, sigma_max, name)
         self.fn = fn
+        if shape is not None:
+            if not (isinstance(shape, (tuple, list)) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+                raise ValueError(f"shape must be a tuple of positive ints (the per-sample shape, e.g. (3, 64, 64)), "
+                                 f"got {shape!r}")
+            self.shape = tuple(shape)
 
     def denoise(self, x, sigma, **cond):
         return self.fn(x, sigma, **cond)
 
 
 def as_denoiser(model: Any, sigma_min: float | None = None, sigma_max: float | None = None,
-                name: str | None = None) -> Denoiser:
-    """Wrap any callable ``model(x, sigma, **cond)`` as a :class:`Denoiser`; denoisers pass through."""
+                name: str | None = None, shape: tuple[int, ...] | None = None) -> Denoiser:
+    """Wrap any callable ``model(x, sigma, **cond)`` as a :class:`Denoiser`; denoisers pass through.
+
+    ``shape`` is the per-sample data shape; with ``sigma_min``/``sigma_max`` it is all the command line needs
+    (``epd sample --model mypkg.models:load`` where ``load()`` returns ``as_denoiser(net, 0.002, 80, shape=...)``).
+    """
     if isinstance(model, Denoiser):
         return model
     if not callable(model):
         raise TypeError(f"a model must be callable as model(x, sigma, **cond), got {type(model).__name__}")
-    return EDMDenoiser(model, sigma_min, sigma_max, name or getattr(model, "__name__", "callable"))
+    return EDMDenoiser(model, sigma_min, sigma_max, name or getattr(model, "__name__", "callable"), shape=shape)
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:

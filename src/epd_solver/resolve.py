@@ -54,6 +54,12 @@ def load_model(name: str = DEFAULT_MODEL) -> Any:
         model = factory()
         if not callable(model):
             raise ValueError(f"model {name!r} did not give a callable denoiser")
+        missing = [a for a in ("shape", "sigma_min", "sigma_max") if getattr(model, a, None) is None]
+        if missing:
+            raise ValueError(
+                f"model {name!r} has no {', '.join(missing)}: the command line needs the per-sample shape and the "
+                f"sigma range; return epd_solver.as_denoiser(net, sigma_min=0.002, sigma_max=80.0, shape=(C, H, W)) "
+                f"(your model's values) from {name.split(':', 1)[1]}()")
         return model
     raise ValueError(f"unknown model {name!r}: use 'digits', 'gmm:digits', 'gmm:synthetic', 'diffusers:PATH' "
                      "or 'module:function'")
