@@ -138,3 +138,52 @@ def test_refusals(tmp_path):
     with pytest.raises(EPDSchedulerError, match="distilled for 3 steps"):
         pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=10, height=16, width=16,
              output_type="latent")
+
+
+@pytest.mark.parametrize("plugin_order", [None, 3])
+def test_entering_mid_step_on_a_straight_trajectory_is_exact(plugin_order):
+    """A fresh scheduler handed a branch timestep (as diffusers' multi-stage schedulers accept any scheduled
+    timestep): with D(x) = x0 the trajectory through x0 + sigma n is a straight line, on which every direction is
+    n, so entering at branch k with the branch point (add_noise places it at tau_k) must give the same rollout
+    as entering at the start of that step."""
+    base = DDPMScheduler(prediction_type="sample", **SD_BETAS)
+    x0, noise = torch.randn(2, 2, 3, 4, 4, generator=gen(), dtype=torch.float64)
+
+    def run(j):
+        sched = EPDScheduler.from_params(sd_params(plugin_order), base)
+        x = sched.add_noise(x0, noise, sched.timesteps[j:j + 1])
+        for t in sched.timesteps[j:]:
+            sched.scale_model_input(x, t)
+            x = sched.step(x0, t, x).prev_sample
+        return sched, x
+
+    sched, _ = run(0)
+    order = sched.order
+    for j in range(1, sched.timesteps.numel()):
+        i, stage = divmod(j, order)
+        want_x = x0 + (sched._tau[i, stage - 1] if stage else sched._grid[i]) * noise
+        fresh = EPDScheduler.from_params(sd_params(plugin_order), base)
+        torch.testing.assert_close(fresh.add_noise(x0, noise, fresh.timesteps[j:j + 1]), want_x, rtol=1e-6, atol=0)
+        got = run(j)[1]
+        ref = run(i * order)[1]  # the same step entered at its start
+        assert rel_err(got, ref) <= 1e-12, j
+    off_line = x0 + SD_GRID[-1] * noise  # c != 1: EPD leaves the line, so the check above is not trivial
+    assert rel_err(run(order)[1], off_line) > 1e-3
+
+
+def test_index_for_timestep():
+    """Scheduled timesteps give their own index (a step start before a branch of equal value), t = 0 the last
+    evaluation, another timestep in range the nearest one, and a timestep out of range a named error."""
+    r_end = [row[:1] + [1.0] for row in R]  # branch 2 at the next grid point: its timestep equals the next step's
+    a_end = [row[:1] + [1.0] for row in A]
+    params = EPDParams.from_values(r_end, LAM, C, a_end, sigmas=SD_GRID)
+    sched = EPDScheduler.from_params(params, DDIMScheduler(**SD_BETAS))
+    ts, order = sched.timesteps, sched.order
+    for j, t in enumerate(ts):
+        shared = j % order == order - 1 and j + 1 < ts.numel()
+        assert sched.index_for_timestep(t) == (j + 1 if shared else j), j
+    assert ts[order - 1] == ts[order]
+    assert sched.index_for_timestep(0.0) == ts.numel() - 1
+    assert sched.index_for_timestep((0.9 * ts[1] + 0.1 * ts[2]).item()) == 1
+    with pytest.raises(EPDSchedulerError, match="outside"):
+        sched.index_for_timestep(1e6)

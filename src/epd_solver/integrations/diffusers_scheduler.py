@@ -16,6 +16,11 @@ State machine of step i (x in EDM coordinates for VP models, flow coordinates fo
   g_k = (x~_k - D)/tau_k, acc += lambda_k c_k g_k; returns the next branch point, or after branch K
   x_{i+1} = x_i + (sigma_{i+1} - sigma_i) acc.
 
+Any scheduled timestep may start a run, as with diffusers' multi-stage schedulers (Heun, KDPM2): a fresh
+scheduler handed a branch timestep takes the sample as that branch point (``add_noise`` puts it at tau_k) and
+reconstructs the step's line through it (base x - (tau_k - sigma_i) g_k, the missing directions g_k: exact on
+a straight trajectory); an unscheduled timestep in [0, num_train_timesteps] maps to the nearest evaluation.
+
 The tables (natural values) and the sigma grid live in the config, so ``save_pretrained`` /
 ``from_pretrained`` round-trip them. AFS tables are refused (an evaluation-free first step breaks the
 pipelines' ``t_start * order`` slicing). ``num_inference_steps`` must equal the table's step count.
@@ -165,6 +170,8 @@ class EPDScheduler(SchedulerMixin, ConfigMixin):
         self._tau = tau
         net = torch.cat([grid[:-1, None], self._a * tau], dim=1)  # network sigma of each evaluation
         self._net_sigmas = net.reshape(-1)
+        # noise level of the sample the pipeline passes at each evaluation: sigma_i, then the branch points tau_k
+        self._state_sigmas = torch.cat([grid[:-1, None], tau], dim=1).reshape(-1)
         self._time_map = None
         if not self.is_flow:
             self.alphas_cumprod = _alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
@@ -302,10 +309,10 @@ class EPDScheduler(SchedulerMixin, ConfigMixin):
                 self._history = (self._history + [d])[-keep:] if keep else []
             self._x_base, self._direction, self._acc = x, direction, torch.zeros_like(x)
         else:
-            if self._x_base is None:
-                raise EPDSchedulerError("step() reached a branch evaluation without its base evaluation")
             k = stage - 1
             g = (x - denoised) / float(self._tau[i, k])
+            if self._x_base is None:  # entered mid-step: the sample is branch point k, the earlier ones are unknown
+                self._enter_mid_step(x, g, i, k)
             self._acc = self._acc + float(self._lam[i, k] * self._c[i, k]) * g
         if stage < self.k:  # the next branch point
             prev = self._x_base + (float(self._tau[i, stage]) - t_cur) * self._direction
@@ -319,8 +326,10 @@ class EPDScheduler(SchedulerMixin, ConfigMixin):
         return SchedulerOutput(prev_sample=prev)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Noisy samples at the given (step-boundary) timesteps: x0 + sigma n (VP, EDM coordinates) or
-        (1 - sigma) x0 + sigma n (flow)."""
+        """Noisy samples at the given timesteps: x0 + sigma n (VP, EDM coordinates) or (1 - sigma) x0 + sigma n
+        (flow), with sigma the noise level the scheduler expects there: sigma_i at a step start, the branch point
+        tau_k at a branch timestep (its network sigma is a_k tau_k). Timesteps as in :meth:`index_for_timestep`;
+        with a begin index (img2img) the sample is placed at the current evaluation, as diffusers' schedulers do."""
         timesteps = torch.as_tensor(timesteps).reshape(-1)
         if self._begin_index is None:
             idx = [self.index_for_timestep(t) for t in timesteps]
@@ -328,7 +337,7 @@ class EPDScheduler(SchedulerMixin, ConfigMixin):
             idx = [self._step_index] * timesteps.numel()
         else:
             idx = [self._begin_index] * timesteps.numel()
-        sigma = self._net_sigmas[idx].to(device=original_samples.device, dtype=original_samples.dtype)
+        sigma = self._state_sigmas[idx].to(device=original_samples.device, dtype=original_samples.dtype)
         sigma = sigma.reshape((-1,) + (1,) * (original_samples.ndim - 1))
         if self.is_flow:
             return (1 - sigma) * original_samples + sigma * noise
@@ -339,18 +348,39 @@ class EPDScheduler(SchedulerMixin, ConfigMixin):
         return self.add_noise(sample, noise, timestep)
 
     def index_for_timestep(self, timestep: Any, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """The first step-boundary index holding ``timestep``."""
-        ts = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        t = torch.as_tensor(timestep).to(device=ts.device, dtype=ts.dtype)
-        hits = [int(j) for j in (ts == t).nonzero().flatten() if int(j) % self.order == 0]
-        if not hits:
-            raise EPDSchedulerError(f"timestep {float(t)} is not the start of a step of this schedule")
-        return hits[0]
+        """The evaluation index of ``timestep``: a scheduled timestep (step start or branch) gives its index, the
+        step start first where a branch shares its value; another timestep in [0, num_train_timesteps] gives the
+        evaluation with the nearest timestep (t = 0: the last one, as DPM-Solver falls back to the last index)."""
+        ts = (self.timesteps if schedule_timesteps is None else schedule_timesteps).detach().cpu()  # no f64 on mps
+        t = torch.as_tensor(timestep).detach().reshape(-1).cpu()
+        if t.numel() != 1 or not torch.isfinite(t.double()).all():
+            raise EPDSchedulerError(f"index_for_timestep takes one finite timestep, got {timestep!r}")
+        t = t[0].to(dtype=ts.dtype)
+        hits = [int(j) for j in (ts == t).nonzero().flatten()]
+        if hits:
+            starts = [j for j in hits if j % self.order == 0]
+            return (starts or hits)[0]
+        if not 0 <= float(t) <= self.config.num_train_timesteps:
+            raise EPDSchedulerError(f"timestep {float(t)} is outside [0, {self.config.num_train_timesteps}]; pass one "
+                                    f"of scheduler.timesteps")
+        return int((ts.double() - float(t)).abs().argmin())
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
     # -- internals ----------------------------------------------------------------------------------
+    def _enter_mid_step(self, x: torch.Tensor, g: torch.Tensor, i: int, k: int) -> None:
+        """State of step i when the first call lands on branch k (a branch timestep handed to a fresh scheduler,
+        as diffusers' multi-stage schedulers accept any scheduled timestep): the step's line is taken through x
+        with slope g, so the base is x - (tau_k - sigma_i) g, the base direction (EPD-Plugin: its history) is g and
+        the missing branch directions are g. On a straight trajectory (every direction equal) this is exactly
+        EPD's step."""
+        self._direction = g
+        if self.config.plugin_order is not None and self.config.plugin_order > 1:
+            self._history = [g]
+        self._x_base = x - (float(self._tau[i, k]) - float(self._grid[i])) * g
+        self._acc = float((self._lam[i, :k] * self._c[i, :k]).sum()) * g
+
     def _reset_state(self) -> None:
         self._x_base = self._direction = self._acc = None
         self._history: list[torch.Tensor] = []
