@@ -20,9 +20,13 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["NFECounter", "NFEReport", "SampleInfo", "SamplerSpec", "register_sampler", "get_sampler",
-           "sampler_spec", "list_samplers", "sample", "check_sigmas", "check_x", "grid_points_for_nfe",
-           "call_model", "sigma_vec"]
+__all__ = ["NFECounter", "NFEReport", "SampleInfo", "SamplerSpec", "UnsupportedOptionError", "register_sampler",
+           "get_sampler", "sampler_spec", "list_samplers", "sample", "check_sigmas", "check_x",
+           "grid_points_for_nfe", "call_model", "sigma_vec"]
+
+
+class UnsupportedOptionError(NotImplementedError):
+    """A sampler option that k-diffusion (or another host) offers but this library does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
