@@ -105,7 +105,7 @@ def _run_both(name, kind, grid, n, trailing_zero, **options):
 def test_equals_kdiffusion_through_its_external_wrappers(name, kind, grid, trailing_zero):
     for n in (4, 11):
         ref, out, info, theirs, ours, (_, x, _, _) = _run_both(name, kind, grid, n, trailing_zero)
-        assert (out - ref).abs().max() <= 1e-6  # reached 0 (no trailing 0) to 1.3e-15 (step to 0)
+        assert (out - ref).abs().max() <= 1e-6  # reached 0 (Euler, Heun, DPM-2), 4.3e-14 (2M, |x| ~ 45)
         assert (ref - x).abs().max() > 1.0 and torch.isfinite(ref).all()
         assert not ref.requires_grad and not out.requires_grad  # no graph kept through the network's parameters
         assert info.nfe.para_nfe == theirs.calls  # same number of model calls
