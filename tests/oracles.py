@@ -3,7 +3,8 @@
 k-diffusion's PyPI package imports torchvision (which does not install beside the CPU torch used here)
 from its ``__init__`` and ``utils``. We install it with ``--no-deps`` and load its *unmodified*
 ``k_diffusion/sampling.py`` as a module of a private package whose ``utils`` is a stand-in providing the
-one helper sampling.py uses (``append_dims``).
+one helper sampling.py uses (``append_dims``). Its *unmodified* ``external.py`` (the model wrappers a
+k-diffusion client uses: ``DiscreteEpsDDPMDenoiser``, ``CompVisDenoiser`` …) loads into the same package.
 """
 
 from __future__ import annotations
@@ -37,8 +38,19 @@ def kdiffusion_sampling() -> types.ModuleType:
     pkg.utils = utils
     sys.modules["_kdiffusion_oracle"] = pkg
     sys.modules["_kdiffusion_oracle.utils"] = utils
-    mod_spec = importlib.util.spec_from_file_location("_kdiffusion_oracle.sampling", path)
+    return _load(path, "_kdiffusion_oracle.sampling")
+
+
+@functools.lru_cache(maxsize=None)
+def kdiffusion_external() -> types.ModuleType:
+    """k-diffusion's ``external.py`` (it imports ``sampling`` and ``utils`` of the same package)."""
+    sampling = kdiffusion_sampling()
+    return _load(Path(sampling.__file__).parent / "external.py", "_kdiffusion_oracle.external")
+
+
+def _load(path: Path, name: str) -> types.ModuleType:
+    mod_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(mod_spec)
-    sys.modules["_kdiffusion_oracle.sampling"] = module
+    sys.modules[name] = module
     mod_spec.loader.exec_module(module)
     return module

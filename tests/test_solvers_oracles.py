@@ -51,8 +51,8 @@ class FirstCallAFS:
 
 KD_PAIRS = [("sample_euler", sample_euler, {}), ("sample_heun", sample_heun, {}),
             ("sample_dpm_2", sample_dpm_2, {}),
-            # k-diffusion's 2M never lowers the order at the end (our lower_order_final=False).
-            ("sample_dpmpp_2m", sample_dpmpp_2m, {"lower_order_final": False})]
+            # k-diffusion's 2M never lowers the order at the end: our default (lower_order_final=False).
+            ("sample_dpmpp_2m", sample_dpmpp_2m, {})]
 
 
 @pytest.mark.parametrize("kd_name,ours,knobs", KD_PAIRS, ids=[p[0] for p in KD_PAIRS])

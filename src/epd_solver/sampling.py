@@ -8,7 +8,8 @@ Samplers are plain functions in the k-diffusion style::
 
 The decorator adds, once for all samplers: validation of ``x`` and ``sigmas`` (named errors), an
 honest NFE count (the model is wrapped in :class:`NFECounter`), the step to a trailing sigma = 0
-(x <- D(x; sigma_last), +1 NFE), and ``return_info=True`` to get ``(x, SampleInfo)`` back.
+(x <- D(x; sigma_last), +1 NFE, with autograd only when ``x`` carries a graph, so a no-grad sampler returns a
+tensor without one, as k-diffusion's do), and ``return_info=True`` to get ``(x, SampleInfo)`` back.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["NFECounter", "NFEReport", "SampleInfo", "SamplerSpec", "register_sampler", "get_sampler",
-           "sampler_spec", "list_samplers", "sample", "check_sigmas", "check_x", "grid_points_for_nfe",
-           "call_model", "sigma_vec"]
+__all__ = ["NFECounter", "NFEReport", "SampleInfo", "SamplerSpec", "UnsupportedOptionError", "register_sampler",
+           "get_sampler", "sampler_spec", "list_samplers", "sample", "check_sigmas", "check_x",
+           "grid_points_for_nfe", "call_model", "sigma_vec"]
+
+
+class UnsupportedOptionError(NotImplementedError):
+    """A sampler option that k-diffusion (or another host) offers but this library does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +172,9 @@ def register_sampler(name: str, *, rounds_per_step: int | None, family: str, ord
             walk = sigmas[:-1] if to_zero else sigmas
             if walk.numel() >= 2:
                 x = fn(counter, x, walk, extra_args, callback, disable, **kwargs)
-            if to_zero:  # first-order step to sigma = 0: x <- D(x; sigma_last)
-                denoised = call_model(counter, x, walk[-1], extra_args)
+            if to_zero:  # first-order step to sigma = 0: x <- D(x; sigma_last), recording a graph only if x has one
+                with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+                    denoised = call_model(counter, x, walk[-1], extra_args)
                 if callback is not None:
                     callback({"x": x, "i": len(walk) - 1, "sigma": walk[-1], "sigma_hat": walk[-1],
                               "denoised": denoised})

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable
 
 import torch
 
 from ..denoisers import afs_direction
-from ..sampling import call_model
+from ..sampling import UnsupportedOptionError, call_model
 
-__all__ = ["evaluate", "step_orders", "dynamic_threshold", "check_max_order", "to_d", "report"]
+__all__ = ["evaluate", "step_orders", "dynamic_threshold", "check_max_order", "check_churn", "to_d", "report"]
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -32,6 +34,25 @@ def check_max_order(solver: str, max_order: Any, highest: int) -> int:
     if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= highest:
         raise ValueError(f"{solver}: max_order must be an integer in 1..{highest}, got {max_order!r}")
     return max_order
+
+
+def check_churn(solver: str, s_churn: Any, s_tmin: Any, s_tmax: Any, s_noise: Any) -> None:
+    """k-diffusion's EDM churn keywords (``sample_euler/heun/dpm_2``): accepted at ``s_churn = 0``, where
+    k-diffusion adds no noise and ignores ``s_tmin``, ``s_tmax`` and ``s_noise``; churn itself is refused."""
+    for key, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{solver}: {key} must be a real number, got {value!r}")
+        if math.isnan(value):
+            raise ValueError(f"{solver}: {key} must not be NaN")
+    if float(s_churn) < 0:
+        raise ValueError(f"{solver}: s_churn must be >= 0, got {s_churn!r}")
+    if float(s_churn) > 0:
+        raise UnsupportedOptionError(
+            f"{solver}: s_churn={s_churn!r} asks for EDM's stochastic churn, which is not implemented here (the "
+            f"samplers of this library are deterministic ODE solvers); pass s_churn=0 (k-diffusion's default, "
+            f"same result as k-diffusion) or call k_diffusion.sampling.sample_{solver} for churn")
 
 
 def step_orders(n_steps: int, max_order: int, lower_order_final: bool | int = True) -> list[int]:
