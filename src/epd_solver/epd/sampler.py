@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..denoisers import model_info
-from ..sampling import NFECounter, register_sampler
+from ..contract import NFECounter, register_sampler
 from .params import EPDParams, ParamsMismatchError
 from .step import amed_plugin_rollout, rollout
 

@@ -15,7 +15,7 @@ import torch
 from tqdm import trange
 
 from ..denoisers import repeat_cond
-from ..sampling import check_sigmas
+from ..contract import check_sigmas
 from ..solvers.common import evaluate, report
 
 __all__ = ["STRATEGIES", "AB_COEFFS", "MAX_PLUGIN_ORDER", "adams_bashforth", "branch_sigmas", "branch_gradients",

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from ..denoisers import afs_direction
-from ..sampling import UnsupportedOptionError, call_model
+from ..contract import UnsupportedOptionError, call_model
 
 __all__ = ["evaluate", "step_orders", "dynamic_threshold", "check_max_order", "check_churn", "to_d", "report"]
 

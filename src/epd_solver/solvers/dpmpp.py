@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import trange
 
-from ..sampling import call_model, register_sampler
+from ..contract import call_model, register_sampler
 from .common import dynamic_threshold, evaluate, report, step_orders
 
 __all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m", "dpmpp_multistep", "THIRD_ORDER_FORMS"]

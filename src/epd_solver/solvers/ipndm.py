@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import trange
 
-from ..sampling import register_sampler
+from ..contract import register_sampler
 from .common import check_max_order, evaluate, report
 
 __all__ = ["sample_ipndm", "ADAMS_BASHFORTH"]

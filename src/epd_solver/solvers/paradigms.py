@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..denoisers import repeat_cond
-from ..sampling import register_sampler
+from ..contract import register_sampler
 
 __all__ = ["sample_paradigms", "step_variances"]
 

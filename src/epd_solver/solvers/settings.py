@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..sampling import grid_points_for_nfe
+from ..contract import grid_points, registered_spec
 from ..schedules import get_sigmas
 
 __all__ = ["paper_setting", "paper_sigmas", "PAPER_ROWS"]
@@ -52,7 +52,7 @@ def paper_setting(solver: str, nfe: int) -> dict[str, Any]:
     if solver == "paradigms":
         n_points = PARADIGMS_BASE_STEPS + 1
     else:
-        n_points = grid_points_for_nfe(solver, nfe, afs=afs)
+        n_points = grid_points(registered_spec(solver), nfe, afs=afs)
     if solver != "paradigms":
         knobs = {**knobs, "afs": afs}
     return {"solver": solver, "row": PAPER_ROWS[solver], "nfe": nfe, "schedule": schedule,

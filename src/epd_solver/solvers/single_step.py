@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import trange
 
-from ..sampling import call_model, register_sampler
+from ..contract import call_model, register_sampler
 from .common import check_churn, evaluate, report, to_d
 
 INF = float("inf")

@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import trange
 
-from ..sampling import call_model, register_sampler
+from ..contract import call_model, register_sampler
 from .common import check_max_order, dynamic_threshold, evaluate, report, step_orders
 
 __all__ = ["sample_unipc", "unipc_coefficients"]
