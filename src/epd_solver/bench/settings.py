@@ -77,10 +77,11 @@ def bench_setting(solver: str, nfe: int) -> dict[str, Any]:
     """
     from ..solvers import paper_setting
 
-    if solver in LEARNED_SETTINGS:
+    if solver in LEARNED_SETTINGS:  # AFS follows the parity (odd Para.NFE needs it); a file's own AFS wins
         schedule, kw = LEARNED_SETTINGS[solver]
+        afs = nfe % 2 == 1
         return {"solver": solver, "row": row_name(solver), "nfe": nfe, "schedule": schedule, "schedule_kwargs": kw,
-                "n_points": grid_points_for_nfe(solver, nfe, afs=True), "afs": True, "knobs": {},
+                "n_points": grid_points_for_nfe(solver, nfe, afs=afs), "afs": afs, "knobs": {},
                 "verified": True, "source": "params"}
     if solver == "dpmpp_2m":  # not a Table 1 row: the DPM-Solver++(3M) row's setting
         base = paper_setting("dpmpp_3m", nfe)

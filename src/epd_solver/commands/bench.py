@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="where reference solves are cached (default "
                    "$EPD_SOLVER_CACHE/bench or ~/.cache/epd-solver/bench; '' disables)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64", "float16", "bfloat16"),
+                   help="dtype the network is called in; the solvers run in float64 (default auto: the dtype of "
+                   "the model's parameters, float64 for a model without any)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     lat = p.add_argument_group("latency (--latency)")
@@ -73,7 +76,7 @@ def run(args) -> int:
                       samples=1000 if args.samples is None else args.samples, seed=args.seed, features=args.features,
                       inception_weights=args.inception_weights, fid_ref=args.fid_ref, ref_solver=args.ref_solver,
                       ref_steps=args.ref_steps, cache_dir=args.cache_dir, threads=args.threads, force=args.force,
-                      quiet=args.quiet, command=command, overrides=overrides)
+                      quiet=args.quiet, command=command, overrides=overrides, dtype=args.dtype)
     check_out_dir(args.out, args.force)  # before any work
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())
