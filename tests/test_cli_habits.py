@@ -35,3 +35,66 @@ def test_distill_even_nfe_by_default_prints_the_afs_choice(tmp_path, capsys):
     assert "AFS off: Para.NFE 4 is even" in capsys.readouterr().err
     params = EPDParams.load(out)
     assert params.afs is False and params.nfe()["para_nfe"] == 4 and params.sigmas.numel() == 3
+
+
+def _outputs(folder, seeds):
+    return np.stack([np.load(folder / f"{s:06d}.npy") for s in seeds])
+
+
+def _library_dpmpp_3m(thresholding, seeds):
+    from epd_solver.problems import digits_mixture
+    from epd_solver.sampling import get_sampler
+    from epd_solver.solvers import paper_setting, paper_sigmas
+
+    gm, setting = digits_mixture(), paper_setting("dpmpp_3m", 5)
+    sig = paper_sigmas(setting, gm)
+    x = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                     for s in seeds]) * float(sig[0])
+    return get_sampler("dpmpp_3m")(gm, x, sig, disable=True, **{**setting["knobs"],
+                                                                  "thresholding": thresholding}).numpy()
+
+
+SAMPLE = ["sample", "--model", "gmm:digits", "--dtype", "float64", "--quiet", "--solver", "dpmpp_3m", "--nfe", "5",
+          "--seeds", "0-3"]
+
+
+def test_sample_leaves_the_papers_thresholding_off_unless_asked(tmp_path, capsys):
+    off, on = _library_dpmpp_3m(False, range(4)), _library_dpmpp_3m(True, range(4))
+    assert np.abs(off - on).max() > 0.1  # thresholding matters on this model
+    assert main(SAMPLE + ["--out", str(tmp_path / "default")]) == 0
+    printed = capsys.readouterr().out
+    assert "thresholding=False" in printed and "--paper-setting" in printed
+    np.testing.assert_allclose(_outputs(tmp_path / "default", range(4)), off, rtol=0, atol=1e-12)
+    assert json.loads((tmp_path / "default" / "sample.json").read_text())["knobs"]["thresholding"] is False
+    for extra, name in ((["--paper-setting"], "paper"), (["--set", "thresholding=true"], "set")):
+        assert main(SAMPLE + extra + ["--out", str(tmp_path / name)]) == 0
+        assert "thresholding=True" in capsys.readouterr().out
+        np.testing.assert_allclose(_outputs(tmp_path / name, range(4)), on, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "max_order=2"], "does not take ['max_order']; its knobs: ['afs', 'lower_order_final'"),
+    (["--set", "thresholding"], "--set takes KNOB=VALUE"),
+    (["--steps", "4", "--paper-setting"], "--paper-setting takes the paper's row at --nfe N"),
+])
+def test_sample_knob_errors(tmp_path, capsys, extra, message):
+    args = [a for a in SAMPLE if a not in ("--nfe", "5")] if "--steps" in extra else SAMPLE
+    code = None
+    try:
+        code = main(args + extra + ["--out", str(tmp_path / "o")])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_report_says_it_runs_the_papers_thresholding(tmp_path):
+    from epd_solver.bench import BenchConfig, run_bench
+
+    out = tmp_path / "out"
+    cfg = BenchConfig(model="gmm:digits", nfe=(3,), solvers="euler,dpmpp_3m", out=str(out), distill=False,
+                      samples=4, cache_dir="", quiet=True, grid_samples=2)
+    rows = {r["solver"]: r for r in run_bench(cfg, log=lambda m: None)["rows"]}
+    assert rows["dpmpp_3m"]["knobs"]["thresholding"] is True
+    text = (out / "results.md").read_text()
+    assert "DPM-Solver++(3M) run the paper's setting, dynamic thresholding included" in text
+    assert "`--set dpmpp_3m.thresholding=false`" in text and "network in float64" in text

@@ -121,6 +121,18 @@ def _settings_table(rows: list[dict[str, Any]], nfes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _paper_knobs_note(rows: list[dict[str, Any]]) -> list[str]:
+    """Say so when rows run the paper's dynamic thresholding (a heuristic for pixel images in [-1, 1])."""
+    names = list(dict.fromkeys(r["method"] for r in rows if r.get("knobs", {}).get("thresholding")))
+    if not names:
+        return []
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if r.get("knobs", {}).get("thresholding")))
+    return [f"{' and '.join(names)} run the paper's setting, dynamic thresholding included (the table's rows as "
+            "the paper ran them; thresholding suits pixel images in [-1, 1]). Without it: "
+            + ", ".join(f"`--set {s}.thresholding=false`" for s in solvers)
+            + "; `epd sample` leaves it off unless `--paper-setting`.", ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows, nfes = result["rows"], result["nfe"]
     env, ref = result["environment"], result["reference"]
@@ -149,9 +161,10 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["ParaDiGMS: finest polynomial base grid whose Picard iteration (tolerance 0.1, full window) converged "
                 "within the pass budget on a calibration batch: " + ", ".join(
                     f"NFE {n}: {c['base_steps']} steps" for n, c in cal.items()) + "; passes capped at the NFE.", ""]
-    out += ["## Settings per row", "", _settings_table(rows, nfes), "",
+    out += ["## Settings per row", "", _settings_table(rows, nfes), ""] + _paper_knobs_note(rows) + [
             "## Run", "",
             f"- command: `{result.get('command') or 'run_bench(...)'}`",
+            f"- network in {result.get('network_dtype', 'float64')}, solvers in float64",
             f"- {env['torch_threads']} torch threads, torch {env['torch']}, Python {env['python']}, "
             f"{env['platform']}, {env['cpu_count']} CPUs; {env['date']}",
             f"- total {result['total_seconds']:.0f} s (reference "

@@ -30,6 +30,9 @@ SCHEDULE_CHOICES = ("polynomial", "logsnr", "time_uniform", "flowmatch")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MANIFEST = "sample.json"
 MANIFEST_FORMAT = "epd-samples"
+# Knobs of a paper row that only fit the paper's models (pixel images in [-1, 1]): dynamic thresholding of
+# DPM-Solver++(3M) and UniPC. Off on a user's model unless --paper-setting asks for the paper's row as it ran.
+PAPER_ONLY_KNOBS = {"thresholding": False}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,6 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="schedule for --steps, or for --nfe with a solver that has no paper row (default polynomial)")
     p.add_argument("--rho", type=float, default=None, help="exponent of the polynomial / time_uniform schedule")
     p.add_argument("--afs", action="store_true", help="analytical first step (with --steps)")
+    p.add_argument("--paper-setting", action="store_true",
+                   help="with --nfe: the paper's row exactly, including its dynamic thresholding (DPM-Solver++(3M), "
+                   "UniPC), which fits pixel images in [-1, 1] only; without it thresholding is off")
+    p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", dest="knob_overrides",
+                   help="set one solver knob, e.g. thresholding=true or max_order=2 (VALUE as JSON, bare words as "
+                   "strings; repeatable; the knobs in use are printed and recorded in sample.json)")
     p.add_argument("--seeds", required=True, help="seeds, e.g. 0-49999 or 0-63,100-109 (inclusive)")
     p.add_argument("--batch", type=int, default=64, help="largest batch per process (default 64)")
     p.add_argument("--out", required=True, help="output folder")
@@ -97,9 +106,10 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     if spec.learned:
         if not args.params:
             raise ValueError(f"solver {args.solver!r} is learned: pass its parameter file with --params")
-        if args.steps is not None or args.afs or args.schedule or args.rho is not None:
-            raise ValueError("a learned solver's grid and AFS come from its parameter file: drop "
-                             "--steps/--schedule/--rho/--afs")
+        if args.steps is not None or args.afs or args.schedule or args.rho is not None or \
+                getattr(args, "knob_overrides", []) or getattr(args, "paper_setting", False):
+            raise ValueError("a learned solver's grid, AFS and knobs come from its parameter file: drop "
+                             "--steps/--schedule/--rho/--afs/--set/--paper-setting")
         from ..epd import EPDParams
 
         params = EPDParams.load(args.params)
@@ -131,8 +141,14 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
                 setting = paper_setting(args.solver, args.nfe)
                 sigmas = paper_sigmas(setting, model)
                 knobs.update(setting["knobs"])
-                plan.update(grid=f"paper:{setting['row']}", schedule=setting["schedule"], afs=setting["afs"])
+                if not getattr(args, "paper_setting", False):
+                    knobs.update({k: v for k, v in PAPER_ONLY_KNOBS.items() if k in knobs})
+                plan.update(grid=f"paper:{setting['row']}", schedule=setting["schedule"], afs=setting["afs"],
+                            paper_setting=bool(getattr(args, "paper_setting", False)))
             else:
+                if getattr(args, "paper_setting", False):
+                    raise ValueError(f"--paper-setting: {args.solver!r} has no row in the paper's table; rows: "
+                                     f"{sorted(PAPER_ROWS)}")
                 n = grid_points_for_nfe(args.solver, args.nfe)
                 sigmas = get_sigmas(_schedule(args), n, lo, hi, **_schedule_kwargs(args))
                 plan.update(grid=_schedule(args), schedule=_schedule(args), afs=False)
@@ -146,12 +162,35 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
             plan.update(grid=_schedule(args), schedule=_schedule(args), afs=args.afs)
         else:
             raise ValueError(f"solver {args.solver!r} needs --nfe N (the paper's setting) or --steps N")
+        if getattr(args, "paper_setting", False) and args.nfe is None:
+            raise ValueError("--paper-setting takes the paper's row at --nfe N: drop --steps or pass --nfe")
+        knobs.update(parse_knobs(getattr(args, "knob_overrides", [])))
         unknown = set(knobs) - _sampler_knobs(args.solver)
         if unknown:
-            raise ValueError(f"solver {args.solver!r} does not take {sorted(unknown)}")
+            raise ValueError(f"solver {args.solver!r} does not take {sorted(unknown)}; its knobs: "
+                             f"{sorted(_sampler_knobs(args.solver))}")
     plan["sigmas"] = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64)]
     plan["knobs"] = {k: v for k, v in knobs.items() if k != "params"}
     return {"plan": plan, "knobs": knobs}
+
+
+def parse_knobs(items: list[str]) -> dict[str, Any]:
+    """``--set KNOB=VALUE`` items (VALUE as JSON: true, 0.9, "bh1"; bare words as strings)."""
+    knobs: dict[str, Any] = {}
+    for text in items:
+        name, eq, raw = text.partition("=")
+        if not (eq and name.strip()) or "." in name:
+            raise ValueError(f"--set takes KNOB=VALUE (e.g. thresholding=true), got {text!r}")
+        try:
+            knobs[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            knobs[name.strip()] = raw
+    return knobs
+
+
+def knobs_line(plan: dict[str, Any]) -> str:
+    """The knobs in use, for the start line: ``lower_order_final=True, thresholding=False``."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(plan["knobs"].items())) or "none"
 
 
 def _schedule(args: argparse.Namespace) -> str:
@@ -355,6 +394,11 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
                       f"({plan['grid']}), {len(seeds)} seeds ({len(done)} already in {out}), "
                       f"{world} process{'es' if world > 1 else ''}"
                       f"{', branch-parallel' if branch else ''}, device {device}")
+    dist_utils.print0(f"knobs: {knobs_line(plan)}"
+                      + ("; the paper's setting (--paper-setting)" if plan.get("paper_setting") else
+                         "; the paper's dynamic thresholding is off (--paper-setting or --set thresholding=true "
+                         "to use it)" if "thresholding" in plan["knobs"] and not plan["knobs"]["thresholding"]
+                         else ""))
 
     stats = FeatureStats() if stats_path is not None else None
     sampler = get_sampler(args.solver)
