@@ -98,3 +98,76 @@ def test_bench_report_says_it_runs_the_papers_thresholding(tmp_path):
     text = (out / "results.md").read_text()
     assert "DPM-Solver++(3M) run the paper's setting, dynamic thresholding included" in text
     assert "`--set dpmpp_3m.thresholding=false`" in text and "network in float64" in text
+
+
+def test_epd_solvers_lists_names_aliases_family_and_rounds(capsys):
+    from epd_solver.sampling import list_samplers, sampler_spec
+
+    assert main(["solvers"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    for name in list_samplers():
+        spec = sampler_spec(name)
+        cells = lines[name].split()
+        assert spec.family in cells
+        assert ("varies" if spec.rounds_per_step is None else str(spec.rounds_per_step)) in cells
+    assert "ddim" in lines["euler"] and "edm" in lines["heun"]
+
+
+def test_alias_ddim_is_euler_and_unknown_names_get_a_suggestion(tmp_path, capsys):
+    base = ["sample", "--model", "gmm:digits", "--dtype", "float64", "--quiet", "--nfe", "3", "--seeds", "n=3"]
+    assert main(base + ["--solver", "DDIM", "--out", str(tmp_path / "ddim")]) == 0
+    assert main(base + ["--solver", "euler", "--out", str(tmp_path / "euler")]) == 0
+    np.testing.assert_array_equal(_outputs(tmp_path / "ddim", range(3)), _outputs(tmp_path / "euler", range(3)))
+    assert json.loads((tmp_path / "ddim" / "sample.json").read_text())["solver"] == "euler"
+    capsys.readouterr()
+    for argv, hint in ((base + ["--solver", "eular", "--out", str(tmp_path / "x")], "did you mean 'euler'?"),
+                       (["bench", "--model", "gmm:digits", "--solvers", "euler,ipdnm", "--out", str(tmp_path / "b")],
+                        "did you mean 'ipndm'?"),
+                       (["distill", "--model", "gmm:digits", "--solver", "epd_plugn", "--out",
+                         str(tmp_path / "d.safetensors")], "did you mean 'epd_plugin'"),
+                       (["distill", "--model", "gmm:digits", "--solver", "ddim", "--out",
+                         str(tmp_path / "d.safetensors")], "is not a learned solver")):
+        assert main(argv) == 2
+        assert hint in capsys.readouterr().err
+
+
+def test_seeds_count_form_and_the_note_on_a_bare_number(tmp_path, capsys):
+    base = ["sample", "--model", "gmm:digits", "--quiet", "--solver", "euler", "--nfe", "2"]
+    assert main(base + ["--seeds", "n=4", "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.npy")) == [f"{s:06d}.npy" for s in range(4)]
+    assert main(base + ["--seeds", "8", "--out", str(tmp_path / "b")]) == 0
+    assert "--seeds 8 is the one seed 8; for 8 samples write n=8" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "b").glob("*.npy")] == ["000008.npy"]
+    assert main(base + ["--seeds", "n=x", "--out", str(tmp_path / "c")]) == 2
+    assert "a count is written n=COUNT" in capsys.readouterr().err
+
+
+def test_every_computing_command_takes_threads():
+    from epd_solver.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        if name == "solvers":  # a listing: no computation
+            continue
+        assert any("--threads" in a.option_strings for a in p._actions), name
+
+
+def test_sample_preview_sheet_and_stack_hold_the_saved_images(tmp_path):
+    out = tmp_path / "png"
+    assert main(["sample", "--model", "digits", "--quiet", "--solver", "euler", "--nfe", "3", "--seeds", "0-4",
+                 "--out", str(out), "--preview", str(tmp_path / "grid.png"), "--stack", str(tmp_path / "all.npz")]) == 0
+    from PIL import Image
+
+    files = [np.asarray(Image.open(out / f"{s:06d}.png")) for s in range(5)]
+    with np.load(tmp_path / "all.npz") as z:
+        np.testing.assert_array_equal(z["seeds"], np.arange(5))
+        np.testing.assert_array_equal(z["samples"][:, 0], np.stack(files))
+    sheet = np.asarray(Image.open(tmp_path / "grid.png"))
+    h, w = files[0].shape
+    assert sheet.shape == (2 * h + 1, 3 * w + 2)  # 5 images on a 3-wide grid, 1-pixel gaps
+    for i, img in enumerate(files):
+        r, c = divmod(i, 3)
+        np.testing.assert_array_equal(sheet[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w], img)
+    assert main(["sample", "--model", "digits", "--quiet", "--solver", "euler", "--nfe", "3", "--seeds", "0-4",
+                 "--out", str(out), "--stack", str(tmp_path / "all.npz")]) == 2  # exists, no --force

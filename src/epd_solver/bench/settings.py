@@ -51,10 +51,9 @@ def resolve_solvers(spec: str) -> list[str]:
     if spec.strip() == "all":
         names = registered
     else:
-        names = [s.strip() for s in spec.split(",") if s.strip()]
-        unknown = [n for n in names if n not in registered]
-        if unknown:
-            raise ValueError(f"unknown solvers {unknown}; registered: {registered}")
+        from ..solver_names import resolve_solver
+
+        names = [resolve_solver(s) for s in spec.split(",") if s.strip()]
         if not names:
             raise ValueError("--solvers is empty")
     rank = {n: i for i, n in enumerate(ROW_ORDER)}

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
                    "module:function (default: digits)")
     p.add_argument("--nfe", default="3,5,7,9", help="Para.NFE columns (default 3,5,7,9)")
-    p.add_argument("--solvers", default="all", help="'all' or a comma-separated list of registered solvers")
+    p.add_argument("--solvers", default="all", help="'all' or a comma-separated list of solvers or aliases "
+                   "(`epd solvers` lists them)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty, unless --force)")
     p.add_argument("--params", nargs="+", default=[], metavar="FILE", help="parameter files for the learned rows")
     p.add_argument("--params-dir", action="append", default=[], metavar="DIR",
@@ -61,6 +62,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..bench.runner import BenchConfig, check_out_dir, parse_ints, parse_override, run_bench
 
+    from .threads import set_threads
+
+    set_threads(args.threads)
     nfe = parse_ints(args.nfe, "--nfe")
     command = "epd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
     if args.latency:

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                     "Options left out take the recipe's value.")
     p.add_argument("--model", default="digits", help="digits (default) | gmm:digits | gmm:synthetic | "
                    "module:function | diffusers:PATH")
-    p.add_argument("--solver", default="epd", choices=["epd", "epd_plugin", "amed", "amed_plugin"])
+    p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed or amed_plugin")
     p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
                    help="named defaults (default: default); the options below override single settings")
@@ -125,7 +125,9 @@ def run(args) -> int:
 def _run(args, main: bool) -> int:
     from .. import distributed as dist_utils
     from ..distillation import distill
+    from ..solver_names import resolve_solver
 
+    args.solver = resolve_solver(args.solver, learned=True)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")

@@ -25,14 +25,14 @@ import torch.distributed
 
 from .. import distributed as dist_utils
 from ..files import write_atomic
+from .seeds import HELP as SEEDS_HELP
+from .seeds import parse_seed_arg
+from .knobs import PAPER_ONLY_KNOBS, knobs_line, parse_knobs
 
 SCHEDULE_CHOICES = ("polynomial", "logsnr", "time_uniform", "flowmatch")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MANIFEST = "sample.json"
 MANIFEST_FORMAT = "epd-samples"
-# Knobs of a paper row that only fit the paper's models (pixel images in [-1, 1]): dynamic thresholding of
-# DPM-Solver++(3M) and UniPC. Off on a user's model unless --paper-setting asks for the paper's row as it ran.
-PAPER_ONLY_KNOBS = {"thresholding": False}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "split across ranks, or with --branch-parallel each call's rows (EPD's K branches) are.")
     p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
                    "module:function (default: digits)")
-    p.add_argument("--solver", required=True, help="a registered solver (euler, heun, dpmpp_3m, epd, ...)")
+    p.add_argument("--solver", required=True, help="a solver or alias: euler (ddim), heun (edm), dpm_2, dpmpp_2m, "
+                   "dpmpp_3m, unipc, ipndm, paradigms, epd, epd_plugin, amed, amed_plugin (`epd solvers` lists them)")
     p.add_argument("--params", help="parameter file of a learned solver (epd, epd_plugin, amed, amed_plugin)")
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--nfe", type=int, help="(Para.) NFE: the paper's grid and knobs for a baseline; checked "
@@ -60,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", dest="knob_overrides",
                    help="set one solver knob, e.g. thresholding=true or max_order=2 (VALUE as JSON, bare words as "
                    "strings; repeatable; the knobs in use are printed and recorded in sample.json)")
-    p.add_argument("--seeds", required=True, help="seeds, e.g. 0-49999 or 0-63,100-109 (inclusive)")
+    p.add_argument("--seeds", required=True, help=SEEDS_HELP)
     p.add_argument("--batch", type=int, default=64, help="largest batch per process (default 64)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("auto", "png", "npy"), default="auto",
@@ -72,7 +73,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="split each model call's rows across ranks instead of the seeds (EPD's K branches)")
     p.add_argument("--stats", help="also write pixel-space feature statistics (mu, sigma, n) of all the "
                    "seeds' outputs as saved (uint8 values for png) to this .npz")
-    p.add_argument("--force", action="store_true", help="replace an existing --stats file (samples never are)")
+    p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of the first 64 seeds' samples "
+                   "(image models) to this .png")
+    p.add_argument("--stack", metavar="NPZ", help="also write every seed's output, as saved, stacked into one .npz "
+                   "(arrays samples [n, ...] and seeds)")
+    p.add_argument("--force", action="store_true", help="replace an existing --stats/--preview/--stack file "
+                   "(samples never are)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -172,25 +178,6 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     plan["sigmas"] = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64)]
     plan["knobs"] = {k: v for k, v in knobs.items() if k != "params"}
     return {"plan": plan, "knobs": knobs}
-
-
-def parse_knobs(items: list[str]) -> dict[str, Any]:
-    """``--set KNOB=VALUE`` items (VALUE as JSON: true, 0.9, "bh1"; bare words as strings)."""
-    knobs: dict[str, Any] = {}
-    for text in items:
-        name, eq, raw = text.partition("=")
-        if not (eq and name.strip()) or "." in name:
-            raise ValueError(f"--set takes KNOB=VALUE (e.g. thresholding=true), got {text!r}")
-        try:
-            knobs[name.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            knobs[name.strip()] = raw
-    return knobs
-
-
-def knobs_line(plan: dict[str, Any]) -> str:
-    """The knobs in use, for the start line: ``lower_order_final=True, thresholding=False``."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(plan["knobs"].items())) or "none"
 
 
 def _schedule(args: argparse.Namespace) -> str:
@@ -311,13 +298,18 @@ def _prepare_out(out: Path, plan: dict[str, Any], seeds: list[int], fmt: str) ->
 # -- the command ---------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
+    from ..solver_names import resolve_solver
+
+    args.solver = resolve_solver(args.solver)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    seeds = dist_utils.parse_seeds(args.seeds)
+    seeds, note = parse_seed_arg(args.seeds)
+    if note:
+        dist_utils.print0(f"note: {note}")
     stats_path = Path(args.stats) if args.stats else None
     if stats_path is not None:
         if stats_path.suffix != ".npz":
@@ -326,6 +318,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{stats_path} exists; pass --force to replace it")
         if len(seeds) < 2:
             raise ValueError("--stats needs at least 2 seeds (the covariance uses n - 1)")
+    from .sample_outputs import check_new_file
+
+    args.preview_path = check_new_file(getattr(args, "preview", None), ".png", "--preview", args.force)
+    args.stack_path = check_new_file(getattr(args, "stack", None), ".npz", "--stack", args.force)
     owns_group = not dist_utils.is_initialized()
     device = dist_utils.init(args.device)
     try:
@@ -432,6 +428,11 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
         counts = counts.to(device if device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(counts)
     elapsed = time.perf_counter() - started
+    if me == 0:
+        from .sample_outputs import write_extras
+
+        write_extras(args.preview_path, args.stack_path, seeds, shape,
+                     lambda seed: read_output(out / sample_name(seed, fmt), fmt), dist_utils.print0)
     if nfe is not None:
         dist_utils.print0(f"NFE per sample: para_nfe={nfe.para_nfe}, evaluations={nfe.evaluations:g}, "
                           f"cfg_multiplier={nfe.cfg_multiplier}")
