@@ -171,3 +171,21 @@ def test_sample_preview_sheet_and_stack_hold_the_saved_images(tmp_path):
         np.testing.assert_array_equal(sheet[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w], img)
     assert main(["sample", "--model", "digits", "--quiet", "--solver", "euler", "--nfe", "3", "--seeds", "0-4",
                  "--out", str(out), "--stack", str(tmp_path / "all.npz")]) == 2  # exists, no --force
+
+
+def test_python_distill_shows_progress_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from epd_solver import distill
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tiny = dict(trajectories=16, val_trajectories=8, select_noises=0, lbfgs_rounds=1, lbfgs_iterations=2,
+                schedule="time_uniform", teacher_points=1, cache=False, compare=False)
+    for stream, bar in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        distill("gmm:digits", "epd", 3, **tiny)
+        assert ("it/s" in stream.getvalue() or "s/it" in stream.getvalue()) is bar, stream.getvalue()[-300:]
