@@ -189,3 +189,9 @@ def test_python_distill_shows_progress_only_on_a_terminal(monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         distill("gmm:digits", "epd", 3, **tiny)
         assert ("it/s" in stream.getvalue() or "s/it" in stream.getvalue()) is bar, stream.getvalue()[-300:]
+
+
+def test_bench_set_on_a_learned_row_says_where_its_afs_comes_from(tmp_path, capsys):
+    assert main(["bench", "--model", "gmm:digits", "--nfe", "4", "--solvers", "epd", "--no-distill", "--set",
+                 "epd.afs=false", "--out", str(tmp_path / "b"), "--samples", "4", "--cache-dir", ""]) == 2
+    assert "its grid, AFS and knobs come from its parameter file" in capsys.readouterr().err

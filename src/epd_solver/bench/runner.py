@@ -150,6 +150,9 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     solvers = resolve_solvers(cfg.solvers)
     for name, knobs in cfg.overrides.items():
+        if name in solvers and bench_setting(name, cfg.nfe[0])["source"] == "params":
+            raise ValueError(f"--set {name}.{next(iter(knobs))}: {name!r} is learned; its grid, AFS and knobs come "
+                             "from its parameter file (distilled on the fly: AFS exactly at odd Para.NFE)")
         if name not in solvers or bench_setting(name, cfg.nfe[0])["source"] not in ("paper", "bench"):
             raise ValueError(f"--set {name}.{next(iter(knobs))}: {name!r} is not a training-free solver of this run")
         if name == "paradigms" and not set(knobs) <= {"base_steps", "window", "tolerance"}:
