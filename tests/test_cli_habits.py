@@ -195,3 +195,17 @@ def test_bench_set_on_a_learned_row_says_where_its_afs_comes_from(tmp_path, caps
     assert main(["bench", "--model", "gmm:digits", "--nfe", "4", "--solvers", "epd", "--no-distill", "--set",
                  "epd.afs=false", "--out", str(tmp_path / "b"), "--samples", "4", "--cache-dir", ""]) == 2
     assert "its grid, AFS and knobs come from its parameter file" in capsys.readouterr().err
+
+
+def test_bench_report_on_a_user_model_has_no_cifar10_section(tmp_path):
+    from epd_solver.bench import BenchConfig, run_bench
+
+    for model, out, cifar in (("tiny_models:tiny_conv", tmp_path / "user", False), ("gmm:digits", tmp_path / "gmm", True)):
+        run_bench(BenchConfig(model=model, nfe=(5,), solvers="euler,ipndm", out=str(out), distill=False, samples=4,
+                              cache_dir="", ref_steps=8, quiet=True, grid_samples=2), log=lambda m: None)
+        text = (out / "results.md").read_text()
+        assert "**RMSE** at NFE 5" in text
+        assert ("CIFAR-10 FID at NFE 5" in text) is cifar
+    run_bench(BenchConfig(model="gmm:digits", nfe=(3,), solvers="euler", out=str(tmp_path / "n3"), distill=False,
+                          samples=4, cache_dir="", quiet=True, grid_samples=2), log=lambda m: None)
+    assert "Ordering at NFE 5" not in (tmp_path / "n3" / "results.md").read_text()  # no NFE 5 column

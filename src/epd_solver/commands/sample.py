@@ -47,8 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "dpmpp_3m, unipc, ipndm, paradigms, epd, epd_plugin, amed, amed_plugin (`epd solvers` lists them)")
     p.add_argument("--params", help="parameter file of a learned solver (epd, epd_plugin, amed, amed_plugin)")
     grid = p.add_mutually_exclusive_group()
-    grid.add_argument("--nfe", type=int, help="(Para.) NFE: the paper's grid and knobs for a baseline; checked "
-                      "against the parameter file for a learned solver")
+    grid.add_argument("--nfe", type=int, help="(Para.) NFE: the paper's grid and knobs for a baseline (its dynamic "
+                      "thresholding only with --paper-setting); checked against the parameter file for a learned "
+                      "solver")
     grid.add_argument("--steps", type=int, help="grid steps (steps + 1 points) on --schedule over the model's "
                       "sigma range")
     p.add_argument("--schedule", choices=SCHEDULE_CHOICES, default=None,
@@ -149,8 +150,9 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
                 knobs.update(setting["knobs"])
                 if not getattr(args, "paper_setting", False):
                     knobs.update({k: v for k, v in PAPER_ONLY_KNOBS.items() if k in knobs})
-                plan.update(grid=f"paper:{setting['row']}", schedule=setting["schedule"], afs=setting["afs"],
-                            paper_setting=bool(getattr(args, "paper_setting", False)))
+                plan.update(grid=f"paper:{setting['row']}", schedule=setting["schedule"], afs=setting["afs"])
+                if getattr(args, "paper_setting", False):  # recorded only when asked (older manifests lack it)
+                    plan["paper_setting"] = True
             else:
                 if getattr(args, "paper_setting", False):
                     raise ValueError(f"--paper-setting: {args.solver!r} has no row in the paper's table; rows: "
