@@ -200,7 +200,8 @@ def test_bench_set_on_a_learned_row_says_where_its_afs_comes_from(tmp_path, caps
 def test_bench_report_on_a_user_model_has_no_cifar10_section(tmp_path):
     from epd_solver.bench import BenchConfig, run_bench
 
-    for model, out, cifar in (("tiny_models:tiny_conv", tmp_path / "user", False), ("gmm:digits", tmp_path / "gmm", True)):
+    for model, out, cifar in (("tiny_models:tiny_conv", tmp_path / "user", False),
+                              ("gmm:digits", tmp_path / "gmm", True)):
         run_bench(BenchConfig(model=model, nfe=(5,), solvers="euler,ipndm", out=str(out), distill=False, samples=4,
                               cache_dir="", ref_steps=8, quiet=True, grid_samples=2), log=lambda m: None)
         text = (out / "results.md").read_text()
