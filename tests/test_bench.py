@@ -220,3 +220,45 @@ def test_paradigms_fixed_grid_by_set(bench):
     bad = BenchConfig(**{**fixed.__dict__, "overrides": {"paradigms": {"max_passes": 2}}})
     with pytest.raises(ValueError, match="base_steps, window and tolerance"):
         run_bench(bad, log=lambda m: None)
+
+
+def test_bench_float32_module_runs_its_network_in_float32(tmp_path):
+    """A `module:function` nn.Module with float32 parameters: the bench calls its network in float32 and
+    solves in float64; the Euler row equals an independent Euler loop on the same network and grid."""
+    from tiny_models import TinyConvDenoiser
+
+    cfg = BenchConfig(model="tiny_models:tiny_conv", nfe=(3,), solvers="euler", out=str(tmp_path / "out"),
+                      distill=False, samples=4, seed=1, cache_dir=str(tmp_path / "cache"), ref_steps=8, quiet=True)
+    result = run_bench(cfg, log=lambda m: None)
+    assert result["network_dtype"] == "float32"
+    (ref_file,) = (tmp_path / "cache").glob("reference-*.npz")
+    ref = torch.from_numpy(np.load(ref_file)["x"])
+    net = TinyConvDenoiser()
+    ramp = torch.linspace(0, 1, 4, dtype=torch.float64)  # the paper's DDIM grid at NFE 3: EDM's rho = 7, 4 points
+    sigmas = (80.0 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    x = 80.0 * torch.stack([torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(1 + i),
+                                        dtype=torch.float64) for i in range(4)])
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            d = (x - net(x.float(), s.float().expand(4)).double()) / s
+            x = x + d * (s_next - s)
+    (row,) = result["rows"]
+    assert row["evaluations"] == 3
+    assert row["rmse"] == pytest.approx(float((x - ref).pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_bench_even_nfe_with_a_file_and_no_distill(tmp_path):
+    """--nfe 4: the EPD row runs its even-NFE file (AFS off, from the file), the AMED row without a file is
+    skipped with a note instead of failing the run."""
+    steps = 2
+    params = EPDParams.from_values(torch.linspace(0.2, 0.7, 2).expand(steps, 2), torch.full((steps, 2), 0.5),
+                                   sigmas=time_uniform(steps + 1, 0.002, 80.0), afs=False, model_id="gmm:digits")
+    path = str(params.save(tmp_path / "epd-nfe4.safetensors"))
+    cfg = BenchConfig(model="gmm:digits", nfe=(4,), solvers="amed,epd", out=None, params=(path,), distill=False,
+                      samples=4, seed=0, cache_dir="", quiet=True)
+    rows = {r["solver"]: r for r in run_bench(cfg, log=lambda m: None)["rows"]}
+    assert rows["amed"]["rmse"] is None and "no parameter file" in rows["amed"]["note"]
+    assert rows["epd"]["para_nfe"] == 4 and rows["epd"]["evaluations"] == 6 and rows["epd"]["afs"] is False
+    x = get_sampler("epd")(digits_mixture(), noise(4, 0), params.sigmas, disable=True, params=params)
+    ref = exact_endpoint(digits_mixture(), noise(4, 0), 80.0, 0.002, rtol=1e-10, atol=1e-10)
+    assert rows["epd"]["rmse"] == pytest.approx(float((x - ref).pow(2).mean().sqrt()), rel=1e-5)

@@ -24,7 +24,7 @@ from epd_solver.solvers import paper_setting, paper_sigmas
 
 F64 = torch.float64
 GMM = ["sample", "--model", "gmm:digits", "--dtype", "float64", "--quiet"]
-BASELINE = ["--solver", "dpmpp_3m", "--nfe", "5"]  # paper row: logSNR grid, thresholding
+BASELINE = ["--solver", "dpmpp_3m", "--nfe", "5", "--paper-setting"]  # paper row: logSNR grid, thresholding
 # The bundled U-Net (float32 network) with float64 solver arithmetic, raw outputs.
 DIGITS = ["sample", "--model", "digits", "--dtype", "float64", "--format", "npy", "--quiet", "--solver", "euler",
           "--nfe", "5"]

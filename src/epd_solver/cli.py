@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # (command, module) in the order shown by --help; a module that is absent is simply not listed.
-COMMANDS = ["demo", "problems", "sample", "distill", "bench", "train-model"]
+COMMANDS = ["demo", "problems", "solvers", "sample", "distill", "bench", "train-model"]
 
 
 def build_parser() -> argparse.ArgumentParser:

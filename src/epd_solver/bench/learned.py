@@ -86,7 +86,8 @@ class ParamsSource:
         self.log(f"distilling {solver} at Para.NFE {nfe} (no parameter file) ...")
         start = time.perf_counter()
         with torch.enable_grad():
-            params = distill(self.model, solver=solver, nfe=nfe, log=lambda m: self.log(f"  distill: {m}"))
+            params = distill(self.model, solver=solver, nfe=nfe, progress=False,  # the bench has its own bar
+                             log=lambda m: self.log(f"  distill: {m}"))
         seconds = time.perf_counter() - start
         how = f"distilled on the fly ({seconds:.1f} s)"
         if self.save_dir is not None:

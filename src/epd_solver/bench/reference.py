@@ -51,7 +51,11 @@ def is_exact_problem(model: Any) -> bool:
 
 def model_fingerprint(model: Any) -> str:
     """sha256 over the model's name and every tensor / module state it holds (so a retrained model or a
-    changed mixture never reuses a stale cache entry)."""
+    changed mixture never reuses a stale cache entry). A :class:`CastInputs` wrapper is seen through."""
+    from .dtype import CastInputs
+
+    while isinstance(model, CastInputs):
+        model = model.model
     h = hashlib.sha256(str(getattr(model, "name", type(model).__name__)).encode())
     for key in sorted(vars(model)):
         value = vars(model)[key]

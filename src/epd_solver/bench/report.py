@@ -75,7 +75,11 @@ def ordering_vs_paper(rows: list[dict[str, Any]], nfe: int, metric: str = "rmse"
             "violations": violations, "checked": len(tiers) >= 2}
 
 
-def _ordering_text(rows: list[dict[str, Any]], nfe: int) -> list[str]:
+# Models of this repository, whose reports set the paper's CIFAR-10 FIDs beside their orderings.
+BUNDLED_MODELS = ("digits", "gmm:digits", "gmm:synthetic")
+
+
+def _ordering_text(rows: list[dict[str, Any]], nfe: int, paper_fids: bool = True) -> list[str]:
     lines = []
     for metric, title in (("rmse", "RMSE"), ("fd", "Fréchet distance"), ("fid", "FID")):
         o = ordering_vs_paper(rows, nfe, metric)
@@ -89,7 +93,7 @@ def _ordering_text(rows: list[dict[str, Any]], nfe: int) -> list[str]:
             verdict = "holds" if not o["violations"] else "differs: " + "; ".join(o["violations"])
             lines.append(f"  Paper's chain ({o['paper_chain']}): {verdict}.")
     paper = {s: v[1] for s, v in PAPER_FID.items() if any(r["solver"] == s for r in rows)}
-    if paper:
+    if paper and lines and paper_fids:
         lines.append("- Paper (arXiv 2507.14797), CIFAR-10 FID at NFE 5: "
                      + " < ".join(f"{row_name(s)} {v:g}" for s, v in sorted(paper.items(), key=lambda kv: kv[1]))
                      + ".")
@@ -121,6 +125,18 @@ def _settings_table(rows: list[dict[str, Any]], nfes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _paper_knobs_note(rows: list[dict[str, Any]]) -> list[str]:
+    """Say so when rows run the paper's dynamic thresholding (a heuristic for pixel images in [-1, 1])."""
+    names = list(dict.fromkeys(r["method"] for r in rows if r.get("knobs", {}).get("thresholding")))
+    if not names:
+        return []
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if r.get("knobs", {}).get("thresholding")))
+    return [f"{' and '.join(names)} run the paper's setting, dynamic thresholding included (the table's rows as "
+            "the paper ran them; thresholding suits pixel images in [-1, 1]). Without it: "
+            + ", ".join(f"`--set {s}.thresholding=false`" for s in solvers)
+            + "; `epd sample` leaves it off unless `--paper-setting`.", ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows, nfes = result["rows"], result["nfe"]
     env, ref = result["environment"], result["reference"]
@@ -140,7 +156,9 @@ def markdown(result: dict[str, Any]) -> str:
         if floor is not None and metric != "rmse":
             out += [f"Reference end points themselves: {fmt(floor)} (what the exact ODE solution reaches with this "
                     "sample count; for a trained model this includes the model's own error).", ""]
-    out += ["## Ordering at NFE 5 against the paper", ""] + _ordering_text(rows, 5) + [""]
+    ordering = _ordering_text(rows, 5, result.get("model_name", result["model"]) in BUNDLED_MODELS)
+    if ordering:  # only when the run has NFE 5; the paper's CIFAR-10 FIDs only beside this repository's models
+        out += ["## Ordering at NFE 5 against the paper", ""] + ordering + [""]
     notes = [r for r in rows if r.get("note")]
     if notes:
         out += ["## Notes", ""] + [f"- {r['method']} @ NFE {r['nfe']}: {r['note']}" for r in notes] + [""]
@@ -149,9 +167,10 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["ParaDiGMS: finest polynomial base grid whose Picard iteration (tolerance 0.1, full window) converged "
                 "within the pass budget on a calibration batch: " + ", ".join(
                     f"NFE {n}: {c['base_steps']} steps" for n, c in cal.items()) + "; passes capped at the NFE.", ""]
-    out += ["## Settings per row", "", _settings_table(rows, nfes), "",
+    out += ["## Settings per row", "", _settings_table(rows, nfes), ""] + _paper_knobs_note(rows) + [
             "## Run", "",
             f"- command: `{result.get('command') or 'run_bench(...)'}`",
+            f"- network in {result.get('network_dtype', 'float64')}, solvers in float64",
             f"- {env['torch_threads']} torch threads, torch {env['torch']}, Python {env['python']}, "
             f"{env['platform']}, {env['cpu_count']} CPUs; {env['date']}",
             f"- total {result['total_seconds']:.0f} s (reference "

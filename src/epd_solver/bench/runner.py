@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .dtype import for_bench
 from .learned import ParamsSource, bundled_params_dir
 from .paradigms_grid import TOLERANCE, calibrate_paradigms, paradigms_sigmas
 from .quality import Quality
@@ -47,6 +48,7 @@ class BenchConfig:
     ref_steps: int = 128
     cache_dir: str | None = None  # None: default_cache_dir(); "" disables the cache
     threads: int | None = None
+    dtype: str = "auto"  # the network's dtype (bench.dtype.for_bench); the solvers run in float64
     grid_samples: int = 16
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # solver -> knobs replacing the paper's
     force: bool = False
@@ -148,11 +150,14 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     solvers = resolve_solvers(cfg.solvers)
     for name, knobs in cfg.overrides.items():
+        if name in solvers and bench_setting(name, cfg.nfe[0])["source"] == "params":
+            raise ValueError(f"--set {name}.{next(iter(knobs))}: {name!r} is learned; its grid, AFS and knobs come "
+                             "from its parameter file (distilled on the fly: AFS exactly at odd Para.NFE)")
         if name not in solvers or bench_setting(name, cfg.nfe[0])["source"] not in ("paper", "bench"):
             raise ValueError(f"--set {name}.{next(iter(knobs))}: {name!r} is not a training-free solver of this run")
         if name == "paradigms" and not set(knobs) <= {"base_steps", "window", "tolerance"}:
             raise ValueError("--set paradigms takes base_steps, window and tolerance (passes are capped at the NFE)")
-    model = load_model(cfg.model)
+    model, net_dtype = for_bench(load_model(cfg.model), cfg.dtype)
     model_id = str(getattr(model, "name", cfg.model))
     quality = Quality(model, cfg.features, cfg.inception_weights, cfg.fid_ref)  # fails fast on FID options
     cache_dir = None if cfg.cache_dir == "" else Path(cfg.cache_dir or default_cache_dir())
@@ -163,7 +168,7 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     t0 = time.perf_counter()
     x0 = start_noise(model, cfg.samples, cfg.seed)
     log(f"bench {model_id}: {len(solvers)} solvers x NFE {list(cfg.nfe)}, {cfg.samples} samples, "
-        f"{threads} torch threads; computing the reference ...")
+        f"{threads} torch threads, network in {net_dtype} (solvers in float64); computing the reference ...")
     ref = reference_endpoints(model, x0, cfg.seed, cache_dir, cfg.ref_solver, cfg.ref_steps)
     log(f"reference: {ref.method} ({'from cache' if ref.cached else f'{ref.seconds:.1f} s'})")
     ref_quality = quality.measure(ref.x)
@@ -199,7 +204,7 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
 
     result = {
         "model": model_id, "model_name": cfg.model, "nfe": list(cfg.nfe), "solvers": solvers,
-        "samples": cfg.samples, "seed": cfg.seed, "command": cfg.command,
+        "samples": cfg.samples, "seed": cfg.seed, "command": cfg.command, "network_dtype": net_dtype,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("command",)},
         "environment": environment(threads),
         "reference": {"method": ref.method, "error_rmse": ref.error_rmse, "seconds": ref.seconds,

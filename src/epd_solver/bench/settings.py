@@ -51,10 +51,9 @@ def resolve_solvers(spec: str) -> list[str]:
     if spec.strip() == "all":
         names = registered
     else:
-        names = [s.strip() for s in spec.split(",") if s.strip()]
-        unknown = [n for n in names if n not in registered]
-        if unknown:
-            raise ValueError(f"unknown solvers {unknown}; registered: {registered}")
+        from ..solver_names import resolve_solver
+
+        names = [resolve_solver(s) for s in spec.split(",") if s.strip()]
         if not names:
             raise ValueError("--solvers is empty")
     rank = {n: i for i, n in enumerate(ROW_ORDER)}
@@ -77,10 +76,11 @@ def bench_setting(solver: str, nfe: int) -> dict[str, Any]:
     """
     from ..solvers import paper_setting
 
-    if solver in LEARNED_SETTINGS:
+    if solver in LEARNED_SETTINGS:  # AFS follows the parity (odd Para.NFE needs it); a file's own AFS wins
         schedule, kw = LEARNED_SETTINGS[solver]
+        afs = nfe % 2 == 1
         return {"solver": solver, "row": row_name(solver), "nfe": nfe, "schedule": schedule, "schedule_kwargs": kw,
-                "n_points": grid_points_for_nfe(solver, nfe, afs=True), "afs": True, "knobs": {},
+                "n_points": grid_points_for_nfe(solver, nfe, afs=afs), "afs": afs, "knobs": {},
                 "verified": True, "source": "params"}
     if solver == "dpmpp_2m":  # not a Table 1 row: the DPM-Solver++(3M) row's setting
         base = paper_setting("dpmpp_3m", nfe)

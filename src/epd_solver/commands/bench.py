@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
                    "module:function (default: digits)")
     p.add_argument("--nfe", default="3,5,7,9", help="Para.NFE columns (default 3,5,7,9)")
-    p.add_argument("--solvers", default="all", help="'all' or a comma-separated list of registered solvers")
+    p.add_argument("--solvers", default="all", help="'all' or a comma-separated list of solvers or aliases "
+                   "(`epd solvers` lists them)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty, unless --force)")
     p.add_argument("--params", nargs="+", default=[], metavar="FILE", help="parameter files for the learned rows")
     p.add_argument("--params-dir", action="append", default=[], metavar="DIR",
@@ -44,6 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="where reference solves are cached (default "
                    "$EPD_SOLVER_CACHE/bench or ~/.cache/epd-solver/bench; '' disables)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64", "float16", "bfloat16"),
+                   help="dtype the network is called in; the solvers run in float64 (default auto: the dtype of "
+                   "the model's parameters, float64 for a model without any)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     lat = p.add_argument_group("latency (--latency)")
@@ -58,6 +62,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..bench.runner import BenchConfig, check_out_dir, parse_ints, parse_override, run_bench
 
+    from .threads import set_threads
+
+    set_threads(args.threads)
     nfe = parse_ints(args.nfe, "--nfe")
     command = "epd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
     if args.latency:
@@ -73,7 +80,7 @@ def run(args) -> int:
                       samples=1000 if args.samples is None else args.samples, seed=args.seed, features=args.features,
                       inception_weights=args.inception_weights, fid_ref=args.fid_ref, ref_solver=args.ref_solver,
                       ref_steps=args.ref_steps, cache_dir=args.cache_dir, threads=args.threads, force=args.force,
-                      quiet=args.quiet, command=command, overrides=overrides)
+                      quiet=args.quiet, command=command, overrides=overrides, dtype=args.dtype)
     check_out_dir(args.out, args.force)  # before any work
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                     "Options left out take the recipe's value.")
     p.add_argument("--model", default="digits", help="digits (default) | gmm:digits | gmm:synthetic | "
                    "module:function | diffusers:PATH")
-    p.add_argument("--solver", default="epd", choices=["epd", "epd_plugin", "amed", "amed_plugin"])
+    p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed or amed_plugin")
     p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
                    help="named defaults (default: default); the options below override single settings")
@@ -104,12 +104,15 @@ def add_parser(sub) -> None:
                    "(default 50; L-BFGS checkpoints after every round)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's choice)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from .. import distributed as dist_utils
+    from .threads import set_threads
 
+    set_threads(args.threads)
     owned = not dist_utils.is_initialized()  # leave a caller's process group alone
     dist_utils.init(device="cpu")
     try:
@@ -122,7 +125,9 @@ def run(args) -> int:
 def _run(args, main: bool) -> int:
     from .. import distributed as dist_utils
     from ..distillation import distill
+    from ..solver_names import resolve_solver
 
+    args.solver = resolve_solver(args.solver, learned=True)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
@@ -157,6 +162,10 @@ def _run(args, main: bool) -> int:
     from ..resolve import import_callable
 
     feature = import_callable(args.feature_extractor, "--feature-extractor") if args.feature_extractor else None
+
+    if args.afs is None and main:
+        print(f"AFS {'on' if args.nfe % 2 else 'off'}: Para.NFE {args.nfe} is {'odd' if args.nfe % 2 else 'even'} "
+              "(--afs / --no-afs to choose)", file=sys.stderr)
 
     def log(msg: str) -> None:
         if main and not msg.startswith("validation ("):  # the validation line is printed once, below

@@ -13,14 +13,18 @@ def add_parser(sub) -> None:
                                    "ODE exactly (scipy DOP853 in log sigma) for a few noises.")
     p.add_argument("--samples", type=int, default=8, help="noises to solve per problem (default 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..problems import PROBLEMS, exact_endpoint
 
+    from .threads import set_threads
+
     if args.samples < 1:
         raise ValueError("--samples must be >= 1")
+    set_threads(args.threads)
     print(f"{'problem':<16}{'dim':>6}{'components':>12}{'sigma range':>20}{'exact solve':>14}{'|x0| rms':>10}")
     for name, make in PROBLEMS.items():
         gm = make()

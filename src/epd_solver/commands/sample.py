@@ -25,6 +25,9 @@ import torch.distributed
 
 from .. import distributed as dist_utils
 from ..files import write_atomic
+from .seeds import HELP as SEEDS_HELP
+from .seeds import parse_seed_arg
+from .knobs import PAPER_ONLY_KNOBS, knobs_line, parse_knobs
 
 SCHEDULE_CHOICES = ("polynomial", "logsnr", "time_uniform", "flowmatch")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -40,18 +43,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "split across ranks, or with --branch-parallel each call's rows (EPD's K branches) are.")
     p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
                    "module:function (default: digits)")
-    p.add_argument("--solver", required=True, help="a registered solver (euler, heun, dpmpp_3m, epd, ...)")
+    p.add_argument("--solver", required=True, help="a solver or alias: euler (ddim), heun (edm), dpm_2, dpmpp_2m, "
+                   "dpmpp_3m, unipc, ipndm, paradigms, epd, epd_plugin, amed, amed_plugin (`epd solvers` lists them)")
     p.add_argument("--params", help="parameter file of a learned solver (epd, epd_plugin, amed, amed_plugin)")
     grid = p.add_mutually_exclusive_group()
-    grid.add_argument("--nfe", type=int, help="(Para.) NFE: the paper's grid and knobs for a baseline; checked "
-                      "against the parameter file for a learned solver")
+    grid.add_argument("--nfe", type=int, help="(Para.) NFE: the paper's grid and knobs for a baseline (its dynamic "
+                      "thresholding only with --paper-setting); checked against the parameter file for a learned "
+                      "solver")
     grid.add_argument("--steps", type=int, help="grid steps (steps + 1 points) on --schedule over the model's "
                       "sigma range")
     p.add_argument("--schedule", choices=SCHEDULE_CHOICES, default=None,
                    help="schedule for --steps, or for --nfe with a solver that has no paper row (default polynomial)")
     p.add_argument("--rho", type=float, default=None, help="exponent of the polynomial / time_uniform schedule")
     p.add_argument("--afs", action="store_true", help="analytical first step (with --steps)")
-    p.add_argument("--seeds", required=True, help="seeds, e.g. 0-49999 or 0-63,100-109 (inclusive)")
+    p.add_argument("--paper-setting", action="store_true",
+                   help="with --nfe: the paper's row exactly, including its dynamic thresholding (DPM-Solver++(3M), "
+                   "UniPC), which fits pixel images in [-1, 1] only; without it thresholding is off")
+    p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", dest="knob_overrides",
+                   help="set one solver knob, e.g. thresholding=true or max_order=2 (VALUE as JSON, bare words as "
+                   "strings; repeatable; the knobs in use are printed and recorded in sample.json)")
+    p.add_argument("--seeds", required=True, help=SEEDS_HELP)
     p.add_argument("--batch", type=int, default=64, help="largest batch per process (default 64)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("auto", "png", "npy"), default="auto",
@@ -63,7 +74,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="split each model call's rows across ranks instead of the seeds (EPD's K branches)")
     p.add_argument("--stats", help="also write pixel-space feature statistics (mu, sigma, n) of all the "
                    "seeds' outputs as saved (uint8 values for png) to this .npz")
-    p.add_argument("--force", action="store_true", help="replace an existing --stats file (samples never are)")
+    p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of the first 64 seeds' samples "
+                   "(image models) to this .png")
+    p.add_argument("--stack", metavar="NPZ", help="also write every seed's output, as saved, stacked into one .npz "
+                   "(arrays samples [n, ...] and seeds)")
+    p.add_argument("--force", action="store_true", help="replace an existing --stats/--preview/--stack file "
+                   "(samples never are)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -97,9 +113,10 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     if spec.learned:
         if not args.params:
             raise ValueError(f"solver {args.solver!r} is learned: pass its parameter file with --params")
-        if args.steps is not None or args.afs or args.schedule or args.rho is not None:
-            raise ValueError("a learned solver's grid and AFS come from its parameter file: drop "
-                             "--steps/--schedule/--rho/--afs")
+        if args.steps is not None or args.afs or args.schedule or args.rho is not None or \
+                getattr(args, "knob_overrides", []) or getattr(args, "paper_setting", False):
+            raise ValueError("a learned solver's grid, AFS and knobs come from its parameter file: drop "
+                             "--steps/--schedule/--rho/--afs/--set/--paper-setting")
         from ..epd import EPDParams
 
         params = EPDParams.load(args.params)
@@ -131,8 +148,15 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
                 setting = paper_setting(args.solver, args.nfe)
                 sigmas = paper_sigmas(setting, model)
                 knobs.update(setting["knobs"])
+                if not getattr(args, "paper_setting", False):
+                    knobs.update({k: v for k, v in PAPER_ONLY_KNOBS.items() if k in knobs})
                 plan.update(grid=f"paper:{setting['row']}", schedule=setting["schedule"], afs=setting["afs"])
+                if getattr(args, "paper_setting", False):  # recorded only when asked (older manifests lack it)
+                    plan["paper_setting"] = True
             else:
+                if getattr(args, "paper_setting", False):
+                    raise ValueError(f"--paper-setting: {args.solver!r} has no row in the paper's table; rows: "
+                                     f"{sorted(PAPER_ROWS)}")
                 n = grid_points_for_nfe(args.solver, args.nfe)
                 sigmas = get_sigmas(_schedule(args), n, lo, hi, **_schedule_kwargs(args))
                 plan.update(grid=_schedule(args), schedule=_schedule(args), afs=False)
@@ -146,9 +170,13 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
             plan.update(grid=_schedule(args), schedule=_schedule(args), afs=args.afs)
         else:
             raise ValueError(f"solver {args.solver!r} needs --nfe N (the paper's setting) or --steps N")
+        if getattr(args, "paper_setting", False) and args.nfe is None:
+            raise ValueError("--paper-setting takes the paper's row at --nfe N: drop --steps or pass --nfe")
+        knobs.update(parse_knobs(getattr(args, "knob_overrides", [])))
         unknown = set(knobs) - _sampler_knobs(args.solver)
         if unknown:
-            raise ValueError(f"solver {args.solver!r} does not take {sorted(unknown)}")
+            raise ValueError(f"solver {args.solver!r} does not take {sorted(unknown)}; its knobs: "
+                             f"{sorted(_sampler_knobs(args.solver))}")
     plan["sigmas"] = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64)]
     plan["knobs"] = {k: v for k, v in knobs.items() if k != "params"}
     return {"plan": plan, "knobs": knobs}
@@ -272,13 +300,18 @@ def _prepare_out(out: Path, plan: dict[str, Any], seeds: list[int], fmt: str) ->
 # -- the command ---------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
+    from ..solver_names import resolve_solver
+
+    args.solver = resolve_solver(args.solver)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    seeds = dist_utils.parse_seeds(args.seeds)
+    seeds, note = parse_seed_arg(args.seeds)
+    if note:
+        dist_utils.print0(f"note: {note}")
     stats_path = Path(args.stats) if args.stats else None
     if stats_path is not None:
         if stats_path.suffix != ".npz":
@@ -287,6 +320,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{stats_path} exists; pass --force to replace it")
         if len(seeds) < 2:
             raise ValueError("--stats needs at least 2 seeds (the covariance uses n - 1)")
+    from .sample_outputs import check_new_file
+
+    args.preview_path = check_new_file(getattr(args, "preview", None), ".png", "--preview", args.force)
+    args.stack_path = check_new_file(getattr(args, "stack", None), ".npz", "--stack", args.force)
     owns_group = not dist_utils.is_initialized()
     device = dist_utils.init(args.device)
     try:
@@ -355,6 +392,11 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
                       f"({plan['grid']}), {len(seeds)} seeds ({len(done)} already in {out}), "
                       f"{world} process{'es' if world > 1 else ''}"
                       f"{', branch-parallel' if branch else ''}, device {device}")
+    dist_utils.print0(f"knobs: {knobs_line(plan)}"
+                      + ("; the paper's setting (--paper-setting)" if plan.get("paper_setting") else
+                         "; the paper's dynamic thresholding is off (--paper-setting or --set thresholding=true "
+                         "to use it)" if "thresholding" in plan["knobs"] and not plan["knobs"]["thresholding"]
+                         else ""))
 
     stats = FeatureStats() if stats_path is not None else None
     sampler = get_sampler(args.solver)
@@ -388,6 +430,11 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
         counts = counts.to(device if device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(counts)
     elapsed = time.perf_counter() - started
+    if me == 0:
+        from .sample_outputs import write_extras
+
+        write_extras(args.preview_path, args.stack_path, seeds, shape,
+                     lambda seed: read_output(out / sample_name(seed, fmt), fmt), dist_utils.print0)
     if nfe is not None:
         dist_utils.print0(f"NFE per sample: para_nfe={nfe.para_nfe}, evaluations={nfe.evaluations:g}, "
                           f"cfg_multiplier={nfe.cfg_multiplier}")

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +43,7 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
             device: torch.device | str | None = None, cache_dir: str | os.PathLike | None = None,
             cache: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
             resume: bool = False, init_from: Any = None, feature: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            progress: bool = False, log: Callable[[str], None] | None = None,
+            progress: bool | None = None, log: Callable[[str], None] | None = None,
             on_iteration: Callable[[int, dict[str, float]], None] | None = None, data_parallel: bool | None = None,
             **options: Any) -> EPDParams:
     """Distil a learned solver's tables for ``model`` at Para.NFE ``nfe`` and return its :class:`EPDParams`.
@@ -62,7 +63,10 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
     torchrun): every rank computes the teacher for its contiguous share of the training trajectories (seeds by
     global index) and the gradients are all-reduced, so all ranks return the parameters one process would
     with the same total batch. Call it on every rank with the same arguments.
+
+    ``progress``: a progress bar on stderr (default: when stderr is a terminal).
     """
+    progress = sys.stderr.isatty() if progress is None else progress
     return DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
                       model_id=model_id, extra_args=extra_args, dtype=dtype, device=device, cache_dir=cache_dir,
                       cache=cache, feature=feature, progress=progress, log=log, data_parallel=data_parallel,

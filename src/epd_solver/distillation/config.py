@@ -204,6 +204,7 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
 def make_config(solver: str = "epd", nfe: int = 5, recipe: str = "default", **overrides: Any) -> DistillConfig:
     """A :class:`DistillConfig` from a recipe's defaults plus explicit ``overrides`` (None means "recipe's")."""
     values = recipe_defaults(recipe, solver)
+    values["afs"] = nfe % 2 == 1 if isinstance(nfe, int) else values["afs"]  # parity unless set: odd needs AFS
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(values) - {f.name for f in dataclasses.fields(DistillConfig)}
     if unknown:
