@@ -8,7 +8,13 @@ Per model family only the parameterisation and time mapping differ:
 - ``UNet2DModel`` / ``UNet2DConditionModel`` on a discrete VP schedule (the scheduler's ``alphas_cumprod``):
   epsilon, v_prediction or sample prediction; model time = the index interpolated in log sigma
   (``quantize=True``: rounded to the nearest index);
-- ``SD3Transformer2DModel`` (any model whose scheduler is a FlowMatch one): velocity, timestep = sigma * 1000.
+- ``SD3Transformer2DModel`` (any model whose scheduler is a FlowMatch one): velocity, timestep = sigma * 1000;
+  ``FluxTransformer2DModel``: velocity, timestep = sigma.
+
+Pipelines (:data:`PIPELINES`): Stable Diffusion 1.x/2.x, SDXL (pooled embeddings and added time ids, tiled
+with the branches), SD3, FLUX (packed latents with their image and text ids, guidance embedding, ``mu`` from
+the token count) and PixArt-Sigma (prompt attention masks); prompts are encoded by the pipeline's own
+``encode_prompt``, called by keyword. Any other pipeline is refused with :class:`DiffusersModelError`.
 
 :func:`sample` runs EPD (from an :class:`~epd_solver.epd.params.EPDParams` table) or any registered
 baseline on a pipeline or a bare model: prompt encoding (or given embeddings), the core sampler on the
@@ -395,11 +401,14 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
       ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``, ``ipndm``, ``paradigms``) with ``solver_options``; grid
       ``sigmas`` (descending, optional trailing 0) or :func:`default_sigmas` for ``num_inference_steps``.
     - Conditioning: ``prompt``/``negative_prompt`` (pipelines with a tokenizer) or ``prompt_embeds``,
-      ``negative_prompt_embeds`` (+ pooled ones for SD3), repeated ``num_images_per_prompt`` times;
+      ``negative_prompt_embeds`` (+ pooled ones for SD3, SDXL and FLUX; + ``prompt_attention_mask`` /
+      ``negative_prompt_attention_mask`` for PixArt), repeated ``num_images_per_prompt`` times;
       ``class_labels`` for class-conditional UNets. ``guidance_scale`` > 1 turns on classifier-free
-      guidance in the same call (rows [uncond; cond]); default: the pipeline's own default, 1 for bare models.
-    - Start: ``latents`` (unit Gaussian noise, like a pipeline's ``latents``) or drawn with ``generator`` as
-      the pipelines do; x_0 = sigma_0 z (VP, EDM coordinates) or z (flow).
+      guidance in the same call (rows [uncond; cond]); for FLUX it is the guidance embedding of
+      guidance-distilled transformers (no negative branch). Default: the pipeline's own, 1 for bare models.
+    - Start: ``latents`` (unit Gaussian noise, like a pipeline's ``latents``; packed for FLUX) or drawn with
+      ``generator`` as the pipelines do; x_0 = sigma_0 z (VP, EDM coordinates) or z (flow). ``mu``: FLUX's
+      dynamic shift of the default grid (default: from the image's token count, as its pipeline computes it).
     - ``quantize``: round the model time to integer indices (VP); default: the table's
       ``meta["timestep_type"]`` (``"nearest"`` rounds), else continuous.
     - ``dtype``: solver arithmetic (float64 by default; the network runs in its own dtype).
@@ -483,8 +492,9 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
             x, info = get_sampler(solver)(denoiser, x, grid, cond, callback, not progress, return_info=True,
                                           **dict(solver_options or {}))
         out = x.to(model.dtype)
-        images = _decode(pipe._unpack_latents(out, *pixels, pipe.vae_scale_factor) if family == "flux" else out,
-                         pipe, output_type)
+        unpack = family == "flux" and output_type != "latent"  # FLUX returns packed latents, decodes unpacked
+        images = _decode(pipe._unpack_latents(out, *pixels, pipe.vae_scale_factor) if unpack else out, pipe,
+                         output_type)
     return DiffusersSample(images=images, latents=out, info=info, sigmas=grid)
 
 
