@@ -117,6 +117,44 @@ def test_sdxl_with_cfg_matches_epd_scheduler():
     assert err <= PIPE_TOL
 
 
+def tiny_clip_tokenizer(folder):
+    """A CLIP BPE tokenizer over single letters, written to ``folder`` (no hub): vocab.json + an empty merges.txt."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8, pad_token="!")
+
+
+def test_sdxl_prompts_encoded_by_the_pipeline(tmp_path):
+    """Prompts through SDXL's two text encoders (encode_prompt called by keyword: its second argument is prompt_2),
+    the negative prompt's embeddings zeroed (force_zeros_for_empty_prompt) as in the stock pipeline."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    pipe = tiny_sdxl_pipe()
+    config = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2, num_hidden_layers=2, vocab_size=56, projection_dim=16)
+    torch.manual_seed(0)
+    pipe.register_modules(text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
+                          text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)),
+                          tokenizer=tiny_clip_tokenizer(tmp_path / "t1"),
+                          tokenizer_2=tiny_clip_tokenizer(tmp_path / "t2"))
+    params = table(default_sigmas(diffusers_denoiser(pipe), 3))
+    prompts = ["a red cat", "a dog"]
+    other = sample(pipe, params=params, prompt=prompts[::-1], guidance_scale=3.0, height=16, width=16,
+                   generator=gen(), output_type="latent").latents
+    assert stock_vs_batched(pipe, params, prompt=prompts, guidance_scale=3.0, height=16, width=16) <= PIPE_TOL
+    batched = sample(pipe, params=params, prompt=prompts, guidance_scale=3.0, height=16, width=16, generator=gen(),
+                     output_type="latent").latents
+    assert rel_err(batched, other) > 1e-3  # the prompts reach the UNet
+
+
 def test_flux_with_guidance_embedding_matches_epd_scheduler():
     """FLUX: packed latents with their image ids, the guidance embedding, the dynamically shifted grid (mu from the
     image's token count)."""
