@@ -402,3 +402,19 @@ def test_distill_cli_on_a_diffusers_folder_then_sample(tmp_path):
         for t in epd_sched.timesteps:
             x = epd_sched.step(unet(epd_sched.scale_model_input(x, t), t).sample, t, x).prev_sample
     assert rel_err(x, batched) <= 1e-4
+
+
+def test_grid_range_insets_only_bounded_models():
+    """The inset applies to discrete-time models (also under CFG), not to continuous ones; the 'paper' time offset,
+    which moves a branch by a fraction of its step, is refused there by name."""
+    from epd_solver.denoisers import CFGDenoiser, EDMDenoiser
+    from epd_solver.distillation.model_range import grid_range
+
+    vp = diffusers_denoiser(tiny_unet2d(), DDPMScheduler())
+    lo, hi = vp.sigma_min, vp.sigma_max
+    assert grid_range(vp, lo, hi, 0.1, "ordered") == (lo / 0.9, hi / 1.1)
+    assert grid_range(CFGDenoiser(vp, 2.0, {}), lo, hi, 0.1, "official") == (lo / 0.9, hi / 1.1)
+    assert grid_range(vp, lo, hi, 0.0, "paper") == (lo, hi)
+    assert grid_range(EDMDenoiser(lambda x, s: x), 0.002, 80.0, 0.1, "paper") == (0.002, 80.0)
+    with pytest.raises(ValueError, match="'paper' parameterisation"):
+        grid_range(vp, lo, hi, 0.05, "paper")
