@@ -55,7 +55,10 @@ class DiffusersNet:
 
     The input goes by keyword (``sample`` for UNets, ``hidden_states`` for transformers), the timestep as a
     float32 per-row vector; inputs are cast to the model's dtype and the output back to ``x``'s dtype. A
-    learned-variance output (2C channels) is cut to its first C channels.
+    learned-variance output (2C channels) is cut to its first C channels. ``static``: inputs that are the same
+    for every call and row count (FLUX's ``txt_ids`` / ``img_ids``; ``guidance``, a number expanded to one value
+    per row; PixArt's ``added_cond_kwargs``). Per-row keys that are not inputs of the model's ``forward``
+    (SDXL's ``text_embeds``, ``time_ids``) go into its ``added_cond_kwargs``, so they tile like the rest.
     """
 
     def __init__(self, model: torch.nn.Module, static: Mapping[str, Any] | None = None):
