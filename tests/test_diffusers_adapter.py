@@ -347,3 +347,74 @@ def test_module_is_optional():
                          for n in module_level_imports(ast.parse(path.read_text())))]
     assert offenders == []
     assert epd_diffusers.EPDScheduler.__name__ == "EPDScheduler"
+
+
+# -- epd distill --model diffusers:DIR ----------------------------------------------------------------------
+def test_distill_cli_on_a_diffusers_folder_then_sample(tmp_path):
+    """A tiny random UNet2DModel + DDPMScheduler folder (epsilon) distils from the command line, and the file
+    samples through ``epd sample``, the batched adapter and ``EPDScheduler`` alike.
+
+    The grid spans [sigma_min / (1 - s_t), sigma_max / (1 + s_t)] of the scheduler's range, so every branch
+    evaluation a * tau a table can learn (a in 1 +- s_t, r in [0, 1]) is one of the scheduler's noise levels;
+    before, the grid spanned the whole range and training stopped at 'sigma outside the model's range'."""
+    import numpy as np
+
+    from epd_solver.cli import main
+    from epd_solver.integrations.diffusers_scheduler import EPDScheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2, sample_size=8,
+                       in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    sched = DDPMScheduler()
+    unet.save_pretrained(tmp_path / "m" / "unet")
+    sched.save_pretrained(tmp_path / "m" / "scheduler")
+    out, s_t = tmp_path / "t.safetensors", 0.05
+    assert main(["distill", "--model", f"diffusers:{tmp_path / 'm'}", "--nfe", "4", "--no-afs", "--out", str(out),
+                 "--trajectories", "4", "--batch", "4", "--val-trajectories", "4", "--select-noises", "0",
+                 "--init", "deterministic", "--schedule", "time_uniform", "--teacher-points", "1",
+                 "--optimizer", "adam", "--epochs", "2", "--lr", "0.5", "--scale-time", str(s_t), "--no-cache",
+                 "--quiet", "--allow-worse"]) == 0
+    params = EPDParams.load(out)
+    ref = diffusers_denoiser(unet, sched)
+    grid = params.sigmas
+    assert float(grid[0]) == pytest.approx(ref.sigma_max / (1 + s_t), rel=1e-12)
+    assert float(grid[-1]) == pytest.approx(ref.sigma_min / (1 - s_t), rel=1e-12)
+    steps = params.steps
+    for r in (0.0, 1.0):  # the extreme tables of the run's bounds fit the scheduler's range (it refuses otherwise)
+        for a in (1 - s_t, 1 + s_t):
+            full = [[r] * 2] * steps
+            EPDScheduler.from_params(EPDParams.from_values(full, [[0.5, 0.5]] * steps, [[1.0, 1.0]] * steps,
+                                                           [[a, a]] * steps, sigmas=grid), sched)
+
+    assert main(["sample", "--model", f"diffusers:{tmp_path / 'm'}", "--solver", "epd", "--params", str(out),
+                 "--seeds", "0-1", "--out", str(tmp_path / "s"), "--format", "npy", "--dtype", "float64",
+                 "--quiet"]) == 0
+    cli = torch.from_numpy(np.stack([np.load(tmp_path / "s" / f"{j:06d}.npy") for j in (0, 1)]))
+    z = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(j), dtype=torch.float64)
+                     for j in (0, 1)])
+    batched = sample(unet, scheduler=sched, params=params, latents=z, output_type="latent").latents
+    assert rel_err(cli, batched) <= 1e-5
+    epd_sched = EPDScheduler.from_params(params, sched)
+    epd_sched.set_timesteps(steps)
+    x = z.float() * epd_sched.init_noise_sigma
+    with torch.no_grad():
+        for t in epd_sched.timesteps:
+            x = epd_sched.step(unet(epd_sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    assert rel_err(x, batched) <= 1e-4
+
+
+def test_grid_range_insets_only_bounded_models():
+    """The inset applies to discrete-time models (also under CFG), not to continuous ones; the 'paper' time offset,
+    which moves a branch by a fraction of its step, is refused there by name."""
+    from epd_solver.denoisers import CFGDenoiser, EDMDenoiser
+    from epd_solver.distillation.model_range import grid_range
+
+    vp = diffusers_denoiser(tiny_unet2d(), DDPMScheduler())
+    lo, hi = vp.sigma_min, vp.sigma_max
+    assert grid_range(vp, lo, hi, 0.1, "ordered") == (lo / 0.9, hi / 1.1)
+    assert grid_range(CFGDenoiser(vp, 2.0, {}), lo, hi, 0.1, "official") == (lo / 0.9, hi / 1.1)
+    assert grid_range(vp, lo, hi, 0.0, "paper") == (lo, hi)
+    assert grid_range(EDMDenoiser(lambda x, s: x), 0.002, 80.0, 0.1, "paper") == (0.002, 80.0)
+    with pytest.raises(ValueError, match="'paper' parameterisation"):
+        grid_range(vp, lo, hi, 0.05, "paper")

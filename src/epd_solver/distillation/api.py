@@ -19,6 +19,7 @@ from ..schedules import schedule_label
 from .cache import DiskCache, default_cache_dir, model_fingerprint
 from .config import AUTO, GRID_CANDIDATES, INIT_CANDIDATES, SELECTION_REFERENCE, DistillConfig, make_config
 from .losses import DistillLoss, sample_mse
+from .model_range import grid_range
 from .noise import VALIDATION_SEED_BASE, SeedRange, start_states
 from .grid import GridTables
 from .student import Student
@@ -114,6 +115,9 @@ class DistillRun:
         if not 0 < float(lo) < float(hi):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
         self.sigma_min, self.sigma_max = float(lo), float(hi)
+        if sigma_min is None and sigma_max is None:  # the model's own range, inset where its time input is bounded
+            self.sigma_min, self.sigma_max = grid_range(model, self.sigma_min, self.sigma_max, self.cfg.scale_time,
+                                                        self.cfg.parameterization)
         prior = getattr(model, "prior_scale", None) if sigma_max is None else None
         self.prior_scale = float(prior if prior is not None else self.sigma_max)
         if self.cfg.afs and not getattr(model, "afs_allowed", True):

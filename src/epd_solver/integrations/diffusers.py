@@ -8,7 +8,13 @@ Per model family only the parameterisation and time mapping differ:
 - ``UNet2DModel`` / ``UNet2DConditionModel`` on a discrete VP schedule (the scheduler's ``alphas_cumprod``):
   epsilon, v_prediction or sample prediction; model time = the index interpolated in log sigma
   (``quantize=True``: rounded to the nearest index);
-- ``SD3Transformer2DModel`` (any model whose scheduler is a FlowMatch one): velocity, timestep = sigma * 1000.
+- ``SD3Transformer2DModel`` (any model whose scheduler is a FlowMatch one): velocity, timestep = sigma * 1000;
+  ``FluxTransformer2DModel``: velocity, timestep = sigma.
+
+Pipelines (:data:`PIPELINES`): Stable Diffusion 1.x/2.x, SDXL (pooled embeddings and added time ids, tiled
+with the branches), SD3, FLUX (packed latents with their image and text ids, guidance embedding, ``mu`` from
+the token count) and PixArt-Sigma (prompt attention masks); prompts are encoded by the pipeline's own
+``encode_prompt``, called by keyword. Any other pipeline is refused with :class:`DiffusersModelError`.
 
 :func:`sample` runs EPD (from an :class:`~epd_solver.epd.params.EPDParams` table) or any registered
 baseline on a pipeline or a bare model: prompt encoding (or given embeddings), the core sampler on the
@@ -49,10 +55,13 @@ class DiffusersNet:
 
     The input goes by keyword (``sample`` for UNets, ``hidden_states`` for transformers), the timestep as a
     float32 per-row vector; inputs are cast to the model's dtype and the output back to ``x``'s dtype. A
-    learned-variance output (2C channels) is cut to its first C channels.
+    learned-variance output (2C channels) is cut to its first C channels. ``static``: inputs that are the same
+    for every call and row count (FLUX's ``txt_ids`` / ``img_ids``; ``guidance``, a number expanded to one value
+    per row; PixArt's ``added_cond_kwargs``). Per-row keys that are not inputs of the model's ``forward``
+    (SDXL's ``text_embeds``, ``time_ids``) go into its ``added_cond_kwargs``, so they tile like the rest.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, static: Mapping[str, Any] | None = None):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise DiffusersModelError(f"expected a diffusers model (UNet2DModel, UNet2DConditionModel, "
                                       f"SD3Transformer2DModel, ...), got {type(model).__name__}")
@@ -60,11 +69,21 @@ class DiffusersNet:
         # the class's forward: instance-level wrappers (hooks, counters) hide the signature
         self.params = [p for p in inspect.signature(type(model).forward).parameters if p != "self"]
         self.input_name = self.params[0]
+        self.static = dict(static or {})
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         dtype = self.model.dtype
         t = torch.as_tensor(t).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
-        out = self.model(**{self.input_name: x.to(dtype), "timestep": t}, **_cast(cond, dtype), return_dict=False)[0]
+        kwargs = dict(self.static)
+        if "guidance" in kwargs:  # FLUX's guidance embedding: one value, one row per input row
+            kwargs["guidance"] = torch.full((x.shape[0],), float(kwargs["guidance"]), device=x.device)
+        extra = {k: cond.pop(k) for k in list(cond) if k not in self.params}
+        if extra and "added_cond_kwargs" in self.params:  # SDXL's text_embeds / time_ids, tiled like the rest
+            kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), **extra}
+        elif extra:
+            raise DiffusersModelError(f"{type(self.model).__name__} takes no inputs {sorted(extra)}")
+        kwargs.update(cond)
+        out = self.model(**{self.input_name: x.to(dtype), "timestep": t}, **_cast(kwargs, dtype), return_dict=False)[0]
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         return out.to(x.dtype)
@@ -124,8 +143,9 @@ def diffusers_denoiser(pipe_or_model: Any, scheduler: Any = None, *, prediction_
     name = name or _model_name(model)
     config = dict(scheduler.config) if scheduler is not None else {}
     flow = _is_flow_config(scheduler, config) if scheduler is not None else net.input_name == "hidden_states"
-    if flow:
-        return FlowMatchDenoiser(net, time_scale=float(config.get("num_train_timesteps", 1000)), name=name)
+    if flow:  # FLUX transformers take sigma itself (their pipeline divides the timestep by 1000)
+        scale = 1.0 if "txt_ids" in net.params else float(config.get("num_train_timesteps", 1000))
+        return FlowMatchDenoiser(net, time_scale=scale, name=name)
     if scheduler is None or getattr(scheduler, "alphas_cumprod", None) is None:
         raise DiffusersModelError(f"{type(model).__name__} is a discrete-time model: pass its scheduler (DDPM, DDIM, "
                                   f"Euler, ...) so that its alphas_cumprod define the noise levels")
@@ -178,41 +198,133 @@ def _guidance_default(pipe: Any) -> float:
     return float(p.default) if p is not None and isinstance(p.default, (int, float)) else 1.0
 
 
-def _text_conditioning(pipe, net: DiffusersNet, device, do_cfg: bool, n_per_prompt: int, prompt, negative_prompt,
-                       pe, ne, ppe, npe) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(cond, uncond) keyword arguments of the model from prompts or embeddings."""
-    pooled = "pooled_projections" in net.params
-    if "encoder_hidden_states" not in net.params:
-        if any(v is not None for v in (prompt, pe)):
+# pipelines whose conditioning the batched path builds (class name -> family); any other pipeline is refused
+PIPELINES = {"DDPMPipeline": "unconditional", "DDIMPipeline": "unconditional", "StableDiffusionPipeline": "sd",
+             "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+             "PixArtSigmaPipeline": "pixart"}
+_HANDLED_INPUTS = {"sample", "hidden_states", "timestep", "encoder_hidden_states", "pooled_projections",
+                   "class_labels", "return_dict"}
+
+
+def _family(pipe: Any, net: DiffusersNet) -> str:
+    """The conditioning family of a pipeline (``"bare"`` for a model without one); others are refused."""
+    if pipe is None:
+        return "bare"
+    name = next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in PIPELINES), None)
+    if name is None:
+        required = [n for n, p in inspect.signature(type(net.model).forward).parameters.items()
+                    if n != "self" and n not in _HANDLED_INPUTS]
+        raise DiffusersModelError(
+            f"the batched adapter does not know how {type(pipe).__name__} conditions its "
+            f"{type(net.model).__name__} (inputs {required} are not built for it; it supports "
+            f"{sorted(PIPELINES)}): run the table through the stock pipeline with "
+            f"pipe.scheduler = EPDScheduler.from_params(params, pipe.scheduler), or call sample() on the bare "
+            f"model with its own keyword arguments")
+    return PIPELINES[name]
+
+
+@dataclasses.dataclass
+class _Text:
+    """Prompts and embeddings as :func:`sample` received them."""
+
+    prompt: Any
+    negative_prompt: Any
+    pe: torch.Tensor | None
+    ne: torch.Tensor | None
+    ppe: torch.Tensor | None
+    npe: torch.Tensor | None
+    mask: torch.Tensor | None
+    nmask: torch.Tensor | None
+
+
+def _conditioning(family: str, pipe, net: DiffusersNet, device, do_cfg: bool, n: int, text: _Text,
+                  pixels: tuple[int, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(cond, uncond) keyword arguments of the model, and its fixed inputs set on ``net.static``."""
+    if family == "unconditional" or "encoder_hidden_states" not in net.params:
+        if any(v is not None for v in (text.prompt, text.pe)):
             raise DiffusersModelError(f"{type(net.model).__name__} takes no text conditioning")
         return {}, {}
-    if pe is None and prompt is None:
+    if text.pe is None and text.prompt is None:
         raise DiffusersModelError("a text-conditional model needs prompt_embeds (or prompt with a pipeline)")
-    if do_cfg and ne is None and negative_prompt is None and (pipe is None or getattr(pipe, "tokenizer", None) is None):
+    if family == "flux":
+        return _flux_conditioning(pipe, net, device, do_cfg, n, text)
+    zeros = family == "sdxl" and text.negative_prompt is None and getattr(pipe.config, "force_zeros_for_empty_prompt",
+                                                                           False)
+    no_tokenizer = pipe is None or getattr(pipe, "tokenizer", None) is None
+    if do_cfg and text.ne is None and text.negative_prompt is None and no_tokenizer and not zeros:
         raise DiffusersModelError("classifier-free guidance needs negative_prompt_embeds (no tokenizer to encode '')")
-    if pooled and ((pe is not None and ppe is None) or (do_cfg and ne is not None and npe is None)):
-        raise DiffusersModelError("SD3-style models need pooled_prompt_embeds (and negative_pooled_prompt_embeds)")
-    if pipe is not None and hasattr(pipe, "encode_prompt"):
-        if pooled:
-            pe, ne, ppe, npe = pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=n_per_prompt,
-                do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, prompt_embeds=pe,
-                negative_prompt_embeds=ne, pooled_prompt_embeds=ppe, negative_pooled_prompt_embeds=npe)
-        else:
-            pe, ne = pipe.encode_prompt(prompt, device, n_per_prompt, do_cfg, negative_prompt, prompt_embeds=pe,
-                                        negative_prompt_embeds=ne)
-    else:
-        if prompt is not None:
+    pooled = family in ("sd3", "sdxl") or "pooled_projections" in net.params
+    if pooled and ((text.pe is not None and text.ppe is None) or (do_cfg and text.ne is not None and text.npe is None)):
+        raise DiffusersModelError(f"{family.upper()}-style models need pooled_prompt_embeds (and "
+                                  f"negative_pooled_prompt_embeds)")
+    if family == "pixart" and ((text.pe is not None and text.mask is None)
+                               or (do_cfg and text.ne is not None and text.nmask is None)):
+        raise DiffusersModelError("PixArt needs prompt_attention_mask with prompt_embeds (and "
+                                  "negative_prompt_attention_mask with negative_prompt_embeds)")
+    kw = dict(prompt=text.prompt, device=device, num_images_per_prompt=n, do_classifier_free_guidance=do_cfg,
+              negative_prompt=text.negative_prompt, prompt_embeds=text.pe, negative_prompt_embeds=text.ne)
+    mask = nmask = None
+    if family == "pixart":
+        pe, mask, ne, nmask = pipe.encode_prompt(**{**kw, "negative_prompt": text.negative_prompt or ""},
+                                                 prompt_attention_mask=text.mask,
+                                                 negative_prompt_attention_mask=text.nmask)
+        net.static["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}  # as the Sigma pipeline
+        ppe = npe = None
+    elif family in ("sd3", "sdxl"):
+        extra = dict(prompt_2=None, prompt_3=None) if family == "sd3" else {}
+        pe, ne, ppe, npe = pipe.encode_prompt(**kw, **extra, pooled_prompt_embeds=text.ppe,
+                                              negative_pooled_prompt_embeds=text.npe)
+    elif family == "sd":
+        pe, ne = pipe.encode_prompt(**kw)
+        ppe = npe = None
+    else:  # a bare model
+        if text.prompt is not None:
             raise DiffusersModelError("a bare model cannot encode prompts: pass prompt_embeds")
-        pe, ne, ppe, npe = (None if v is None else v.to(device).repeat_interleave(n_per_prompt, 0)
-                            for v in (pe, ne, ppe, npe))
+        pe, ne, ppe, npe = (None if v is None else v.to(device).repeat_interleave(n, 0)
+                            for v in (text.pe, text.ne, text.ppe, text.npe))
     cond = {"encoder_hidden_states": pe}
     uncond = {"encoder_hidden_states": ne} if do_cfg else {}
-    if pooled:
+    if family == "sdxl":
+        for part, pooled_part in ((cond, ppe), (uncond, npe)):
+            if part:
+                part.update(text_embeds=pooled_part, time_ids=_sdxl_time_ids(pipe, pixels, pooled_part))
+    elif pooled:
         cond["pooled_projections"] = ppe
         if do_cfg:
             uncond["pooled_projections"] = npe
+    if family == "pixart":
+        cond["encoder_attention_mask"] = mask
+        if do_cfg:
+            uncond["encoder_attention_mask"] = nmask
     return cond, uncond
+
+
+def _sdxl_time_ids(pipe, pixels: tuple[int, int], pooled: torch.Tensor) -> torch.Tensor:
+    """SDXL's added time ids (original size, crop top-left, target size) at the output size, no crop."""
+    ids = [*pixels, 0, 0, *pixels]
+    unet = pipe.unet
+    want = unet.add_embedding.linear_1.in_features
+    if unet.config.addition_time_embed_dim * len(ids) + pooled.shape[-1] != want:
+        raise DiffusersModelError(f"SDXL's added embedding takes {want} features: 6 time ids x "
+                                  f"{unet.config.addition_time_embed_dim} + pooled embeddings of "
+                                  f"{want - 6 * unet.config.addition_time_embed_dim}, got {pooled.shape[-1]}")
+    return torch.tensor([ids], dtype=pooled.dtype, device=pooled.device).repeat(pooled.shape[0], 1)
+
+
+def _flux_conditioning(pipe, net: DiffusersNet, device, do_cfg: bool, n: int, text: _Text):
+    """FLUX: no negative branch; the guidance embedding (guidance-distilled models) and text ids are fixed inputs."""
+    if do_cfg or any(v is not None for v in (text.negative_prompt, text.ne, text.npe)):
+        raise DiffusersModelError("FLUX in the batched path takes no negative prompt: guidance_scale is its guidance "
+                                  "embedding (guidance-distilled models); true CFG (true_cfg_scale) runs in the stock "
+                                  "pipeline with EPDScheduler")
+    if text.pe is not None and text.ppe is None:
+        raise DiffusersModelError("FLUX needs pooled_prompt_embeds with prompt_embeds")
+    pe, ppe, text_ids = pipe.encode_prompt(prompt=text.prompt, prompt_2=None, device=device, num_images_per_prompt=n,
+                                           prompt_embeds=text.pe, pooled_prompt_embeds=text.ppe)
+    if text.pe is not None and n > 1:  # given embeddings are not repeated by FluxPipeline.encode_prompt
+        pe, ppe = pe.repeat_interleave(n, 0), ppe.repeat_interleave(n, 0)
+    net.static["txt_ids"] = text_ids
+    return {"encoder_hidden_states": pe, "pooled_projections": ppe}, {}
 
 
 def _latent_shape(model, vae, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
@@ -225,6 +337,19 @@ def _latent_shape(model, vae, batch: int, height: int | None, width: int | None)
                 raise DiffusersModelError(f"height and width must be multiples of {scale}, got {pixels}")
             hw[j] = pixels // scale
     return (batch, model.config.in_channels, *hw)
+
+
+def _pixels(model, pipe, vae, height: int | None, width: int | None) -> tuple[int, int]:
+    """The output size in pixels (SDXL's time ids, FLUX's latents): given, else the model's default."""
+    if "txt_ids" in inspect.signature(type(model).forward).parameters:  # FLUX: the pipeline's default size
+        if pipe is None:
+            raise DiffusersModelError("a FLUX transformer runs through its FluxPipeline (packed latents, text and "
+                                      "image ids): pass the pipeline")
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        return (height or default, width or default)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    shape = _latent_shape(model, vae, 1, height, width)
+    return (shape[2] * scale, shape[3] * scale)
 
 
 def _resolve_params(params: Any, k: int | None, sigmas: Any, steps: int | None) -> EPDParams:
@@ -259,7 +384,9 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
            sigmas: Any = None, scheduler: Any = None, prompt: Any = None, negative_prompt: Any = None,
            prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
            pooled_prompt_embeds: torch.Tensor | None = None,
-           negative_pooled_prompt_embeds: torch.Tensor | None = None, guidance_scale: float | None = None,
+           negative_pooled_prompt_embeds: torch.Tensor | None = None,
+           prompt_attention_mask: torch.Tensor | None = None,
+           negative_prompt_attention_mask: torch.Tensor | None = None, guidance_scale: float | None = None,
            class_labels: torch.Tensor | None = None, num_images_per_prompt: int = 1, batch_size: int | None = None,
            height: int | None = None, width: int | None = None, generator: Any = None,
            latents: torch.Tensor | None = None, output_type: str = "pil", strategy: str = "batched",
@@ -277,11 +404,14 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
       ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``, ``ipndm``, ``paradigms``) with ``solver_options``; grid
       ``sigmas`` (descending, optional trailing 0) or :func:`default_sigmas` for ``num_inference_steps``.
     - Conditioning: ``prompt``/``negative_prompt`` (pipelines with a tokenizer) or ``prompt_embeds``,
-      ``negative_prompt_embeds`` (+ pooled ones for SD3), repeated ``num_images_per_prompt`` times;
+      ``negative_prompt_embeds`` (+ pooled ones for SD3, SDXL and FLUX; + ``prompt_attention_mask`` /
+      ``negative_prompt_attention_mask`` for PixArt), repeated ``num_images_per_prompt`` times;
       ``class_labels`` for class-conditional UNets. ``guidance_scale`` > 1 turns on classifier-free
-      guidance in the same call (rows [uncond; cond]); default: the pipeline's own default, 1 for bare models.
-    - Start: ``latents`` (unit Gaussian noise, like a pipeline's ``latents``) or drawn with ``generator`` as
-      the pipelines do; x_0 = sigma_0 z (VP, EDM coordinates) or z (flow).
+      guidance in the same call (rows [uncond; cond]); for FLUX it is the guidance embedding of
+      guidance-distilled transformers (no negative branch). Default: the pipeline's own, 1 for bare models.
+    - Start: ``latents`` (unit Gaussian noise, like a pipeline's ``latents``; packed for FLUX) or drawn with
+      ``generator`` as the pipelines do; x_0 = sigma_0 z (VP, EDM coordinates) or z (flow). ``mu``: FLUX's
+      dynamic shift of the default grid (default: from the image's token count, as its pipeline computes it).
     - ``quantize``: round the model time to integer indices (VP); default: the table's
       ``meta["timestep_type"]`` (``"nearest"`` rounds), else continuous.
     - ``dtype``: solver arithmetic (float64 by default; the network runs in its own dtype).
@@ -299,12 +429,22 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
     elif sampler_spec(solver).learned:
         raise DiffusersModelError(f"solver {solver!r} is learned: pass params (a table or a parameter file)")
     base = diffusers_denoiser(model, scheduler, prediction_type=prediction_type, quantize=bool(quantize))
+    family = _family(pipe, base.net)
     device = next(model.parameters()).device
     guidance_scale = _guidance_default(pipe) if guidance_scale is None else float(guidance_scale)
+    if family == "flux":  # guidance_scale is the guidance embedding of guidance-distilled models, not CFG
+        if getattr(model.config, "guidance_embeds", False):
+            base.net.static["guidance"] = guidance_scale
+        elif guidance_scale > 1 and guidance_scale != _guidance_default(pipe):
+            raise DiffusersModelError(f"this FLUX transformer has no guidance embedding (guidance_embeds=False): "
+                                      f"guidance_scale={guidance_scale} would be ignored; leave it out")
+        guidance_scale = 1.0
     do_cfg = guidance_scale > 1
-    cond, uncond = _text_conditioning(pipe, base.net, device, do_cfg, num_images_per_prompt, prompt, negative_prompt,
-                                      prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                      negative_pooled_prompt_embeds)
+    vae = getattr(pipe, "vae", None)
+    pixels = _pixels(model, pipe, vae, height, width)
+    text = _Text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                 negative_pooled_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)
+    cond, uncond = _conditioning(family, pipe, base.net, device, do_cfg, num_images_per_prompt, text, pixels)
     if class_labels is not None:
         cond["class_labels"] = torch.as_tensor(class_labels, device=device).repeat_interleave(num_images_per_prompt, 0)
     if do_cfg and not uncond:
@@ -316,6 +456,20 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
     else:
         batch = latents.shape[0] if latents is not None else (batch_size or 1) * num_images_per_prompt
 
+    if family == "flux":  # packed latents and their image ids, drawn as the pipeline draws them
+        if latents is not None and latents.ndim != 3:
+            raise DiffusersModelError(f"FLUX latents are packed (batch, tokens, channels), got {tuple(latents.shape)}")
+        latents, base.net.static["img_ids"] = pipe.prepare_latents(
+            batch, model.config.in_channels // 4, *pixels, model.dtype, device, generator, latents)
+        shape = tuple(latents.shape)
+        if mu is None and scheduler is not None and scheduler.config.get("use_dynamic_shifting"):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            c = scheduler.config
+            mu = calculate_shift(shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    else:
+        shape = _latent_shape(model, vae, batch, height, width)
     if params is not None:
         grid = params.sigmas.clone()
     elif sigmas is not None:
@@ -327,7 +481,6 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
     if denoise_to_zero and grid[-1] != 0:
         grid = torch.cat([grid, grid.new_zeros(1)])
 
-    shape = _latent_shape(model, getattr(pipe, "vae", None), batch, height, width)
     if latents is None:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=model.dtype)
     elif tuple(latents.shape) != shape:
@@ -342,7 +495,9 @@ def sample(pipe_or_model: Any, *, params: Any = None, solver: str = "epd", num_i
             x, info = get_sampler(solver)(denoiser, x, grid, cond, callback, not progress, return_info=True,
                                           **dict(solver_options or {}))
         out = x.to(model.dtype)
-        images = _decode(out, pipe, output_type)
+        unpack = family == "flux" and output_type != "latent"  # FLUX returns packed latents, decodes unpacked
+        images = _decode(pipe._unpack_latents(out, *pixels, pipe.vae_scale_factor) if unpack else out, pipe,
+                         output_type)
     return DiffusersSample(images=images, latents=out, info=info, sigmas=grid)
 
 
