@@ -1,0 +1,302 @@
+"""Invalid parameter files never load: every bad file a named ParamsError, every loaded file's header true.
+
+The files are mutations of a shipped table (gmm-digits-epd-nfe5), written byte by byte so that headers a
+safetensors writer would refuse (a list as __metadata__, 2,000-level nesting) can be tried too.
+"""
+
+import json
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from epd_solver.epd import EPDParams, ParamsError, ParamsFileError, ParamsMismatchError, sample_epd
+from epd_solver.problems import digits_mixture
+from epd_solver.schedules import time_uniform
+
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "epd_solver" / "data" / "params" / \
+    "gmm-digits-epd-nfe5.safetensors"
+F64 = torch.float64
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8: 8 + n]), data[8 + n:]
+
+
+def join(header: dict | str, body: bytes) -> bytes:
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def with_meta(meta: dict | str, data: bytes | None = None) -> bytes:
+    """The shipped file with its EPD metadata replaced (``meta`` as an object or as raw JSON text)."""
+    header, body = split(data or SHIPPED.read_bytes())
+    header["__metadata__"] = {"epd_solver": meta if isinstance(meta, str) else json.dumps(meta)}
+    return join(header, body)
+
+
+def shipped_meta() -> dict:
+    header, _ = split(SHIPPED.read_bytes())
+    return json.loads(header["__metadata__"]["epd_solver"])
+
+
+def load_bytes(tmp_path: Path, blob: bytes, name: str = "p.safetensors") -> EPDParams:
+    path = tmp_path / name
+    path.write_bytes(blob)
+    return EPDParams.load(path)
+
+
+def refused(tmp_path: Path, blob: bytes, match: str) -> None:
+    with pytest.raises(ParamsFileError, match=match):
+        load_bytes(tmp_path, blob)
+
+
+# -- the six classes that used to load although invalid ------------------------------------------------------
+
+def test_another_models_file_is_refused_by_sample_epd_unless_allowed():
+    gmm = digits_mixture()
+    params = EPDParams.load(SHIPPED)
+    assert params.meta["model_id"] == gmm.name == "gmm:digits"
+    x = 80 * torch.randn(4, 64, generator=torch.Generator().manual_seed(0), dtype=F64)
+    ours = sample_epd(gmm, x, params.sigmas, params)
+    params.meta["model_id"] = "gauss:model"
+    with pytest.raises(ParamsMismatchError, match="'gauss:model', not 'gmm:digits'.*allow_other_model=True"):
+        sample_epd(gmm, x, params.sigmas, params)
+    assert torch.equal(sample_epd(gmm, x, params.sigmas, params, allow_other_model=True), ours)
+    with pytest.raises(TypeError, match="allow_other_model must be True or False"):
+        sample_epd(gmm, x, params.sigmas, params, allow_other_model="yes")
+
+
+@pytest.mark.parametrize("grid,what", [([0.5, 0.2, 0.05, 0.002], "starts below sigma_max"),
+                                       ([80.0, 6.9, 1.3, 5e-324], "ends below sigma_min"),
+                                       ([160.0, 6.9, 1.3, 0.002], "starts above sigma_max")])
+def test_grid_outside_the_models_range_is_refused(grid, what):
+    gmm = digits_mixture()  # sigma range [0.002, 80]
+    sig = torch.tensor(grid, dtype=F64)
+    params = EPDParams.from_values([[0.3, 0.7]] * 3, [[0.5, 0.5]] * 3, sigmas=sig, afs=True)
+    x = sig[0] * torch.randn(2, 64, generator=torch.Generator().manual_seed(1), dtype=F64)
+    with pytest.raises(ParamsMismatchError, match="model's range is \\[0.002, 80\\].*--allow-other-model"):
+        sample_epd(gmm, x, sig, params)
+    out = sample_epd(gmm, x, sig, params, allow_other_model=True)  # what the override gives: a finite run
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_a_grid_inside_the_range_starting_at_sigma_max_samples():
+    gmm = digits_mixture()
+    sig = time_uniform(4)
+    params = EPDParams.from_values([[0.3, 0.7]] * 3, [[0.5, 0.5]] * 3, sigmas=sig, afs=True)
+    x = 80 * torch.randn(2, 64, generator=torch.Generator().manual_seed(1), dtype=F64)
+    assert torch.isfinite(sample_epd(gmm, x, sig, params)).all()
+
+
+def _natural_file(tmp_path: Path, dir_scale: float, **fields) -> bytes:
+    """A raw-free file whose header is written by EPDParams (then edited): dir_scale everywhere."""
+    from safetensors.torch import save_file
+
+    good = EPDParams.from_values([[0.3, 0.7]] * 3, [[0.5, 0.5]] * 3, sigmas=time_uniform(4), afs=True)
+    meta = {**good.header(), **fields}
+    tensors = {n: getattr(good, n) for n in ("r", "weights", "time_scale", "sigmas")}
+    tensors["dir_scale"] = torch.full((3, 2), dir_scale, dtype=F64)
+    save_file(tensors, str(tmp_path / "n.safetensors"), metadata={"epd_solver": json.dumps(meta)})
+    return (tmp_path / "n.safetensors").read_bytes()
+
+
+def test_scale_dir_null_with_a_far_dir_scale_is_refused(tmp_path):
+    refused(tmp_path, _natural_file(tmp_path, 100.0), "dir_scale must lie in \\(0, 2\\)")
+    refused(tmp_path, _natural_file(tmp_path, 100.0, parameterization="ordered", scale_dir=None, scale_time=0.05),
+            "needs its scale bounds")
+    # the shipped file with its scale_dir removed: the raw tables cannot be read without their bound
+    meta = shipped_meta()
+    meta["scale_dir"] = None
+    refused(tmp_path, with_meta(meta), "needs its scale bounds")
+    assert load_bytes(tmp_path, _natural_file(tmp_path, 1.5)).dir_scale.max() == 1.5  # in (0, 2): a valid file
+
+
+def test_unknown_parameterization_is_refused(tmp_path):
+    meta = shipped_meta()
+    assert meta["parameterization"] == "ordered"
+    meta["parameterization"] = "ordeRed"  # one flipped byte
+    refused(tmp_path, with_meta(meta), "parameterization must be one of \\('ordered', 'official', 'paper', "
+                                       "'natural'\\), got 'ordeRed'")
+
+
+def test_afs_contradicting_the_nfe_block_is_refused(tmp_path):
+    meta = shipped_meta()
+    assert meta["afs"] is True and meta["nfe"]["para_nfe"] == 5
+    meta["afs"] = False
+    refused(tmp_path, with_meta(meta), "nfe block .*'para_nfe': 5.* disagrees .*'para_nfe': 6")
+    meta = shipped_meta()
+    meta["meta"]["config"]["afs"] = False  # the recorded distillation setting contradicts the table
+    refused(tmp_path, with_meta(meta), "meta.config disagrees .*afs = False")
+
+
+def test_non_integer_cfg_multiplier_is_refused(tmp_path):
+    for bad in (1.5, "2", True, 0):
+        meta = shipped_meta()
+        meta["meta"]["cfg_multiplier"] = bad
+        refused(tmp_path, with_meta(meta), "cfg_multiplier must be a positive integer")
+        with pytest.raises(ParamsError, match="cfg_multiplier"):
+            EPDParams.from_values([[0.5]], [[1.0]], sigmas=[80.0, 0.002], cfg_multiplier=bad)
+    meta = shipped_meta()
+    meta["meta"]["cfg_multiplier"] = 2
+    meta["nfe"].update(cfg_multiplier=2, network_rows=2 * meta["nfe"]["evaluations"])
+    assert load_bytes(tmp_path, with_meta(meta)).nfe()["network_rows"] == 2 * meta["nfe"]["evaluations"]
+
+
+# -- the malformed files that used to raise other exception types -------------------------------------------
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("case", ["metadata-list", "metadata-string", "metadata-number", "metadata-value-number",
+                                  "deep-header", "deep-meta", "deep-meta-dicts", "sigma-string", "sigma-null",
+                                  "sigma-huge-int", "sigma-bool", "sigma-nested", "sigma-inf", "sigma-nan",
+                                  "epd-number", "epd-object", "epd-list", "int-5000-digits", "unknown-key",
+                                  "missing-key", "k-bool", "meta-deep-value"])
+def test_malformed_files_raise_params_file_error(tmp_path, case):
+    data = SHIPPED.read_bytes()
+    header, body = split(data)
+    meta = shipped_meta()
+    text = None
+    if case.startswith("metadata-"):
+        value = {"metadata-list": "[1, 2]", "metadata-string": '"x"', "metadata-number": "3",
+                 "metadata-value-number": json.dumps({"epd_solver": 7})}[case]
+        header.pop("__metadata__")
+        header_text = json.dumps(header)[:-1] + f', "__metadata__": {value}}}'
+        blob, match = join(header_text, body), "__metadata__|must be a JSON string"
+    elif case == "deep-header":
+        blob, match = join(json.dumps(header)[:-1] + f', "x": {_nested(5000)}}}', body), "nested"
+    elif case in ("deep-meta", "deep-meta-dicts", "meta-deep-value"):
+        deep = _nested(1200) if case == "deep-meta" else '{"a":' * 1200 + "1" + "}" * 1200
+        if case == "meta-deep-value":
+            deep = _nested(40)  # under Python's limit, over the library's
+        text = json.dumps(meta)[:-1] + f', "deep": {deep}}}'
+        match = "nested"
+    elif case.startswith("sigma-"):
+        bad = {"sigma-string": '"80"', "sigma-null": "null", "sigma-huge-int": "1" + "0" * 400,
+               "sigma-bool": "true", "sigma-nested": "[80.0]", "sigma-inf": "1e999", "sigma-nan": "NaN"}[case]
+        grid = json.dumps(meta["sigmas"])
+        text = json.dumps(meta).replace(grid, "[" + bad + grid[grid.index(","):])
+        assert text != json.dumps(meta)
+        match = "sigma grid|finite number|valid JSON"
+    elif case.startswith("epd-"):
+        header["__metadata__"]["epd_solver"] = {"epd-number": 5, "epd-object": {"format": "epd-params"},
+                                                "epd-list": ["epd-params"]}[case]
+        blob, match = join(header, body), "must be a JSON string"
+    elif case == "int-5000-digits":
+        text, match = json.dumps(meta)[:-1] + f', "big": {"9" * 5000}}}', "valid JSON"
+    elif case == "unknown-key":
+        text, match = json.dumps({**meta, "afs_": True}), "unknown keys \\['afs_'\\]"
+    elif case == "missing-key":
+        meta.pop("plugin_order")
+        text, match = json.dumps(meta), "lacks \\['plugin_order'\\]"
+    elif case == "k-bool":
+        meta["k"] = True  # K = 2 in the shipped file; True == 1 would pass a plain comparison for K = 1
+        text, match = json.dumps(meta), "metadata \\(K = True"
+    if text is not None:
+        blob = with_meta(text, data)
+    refused(tmp_path, blob, match)
+
+
+def test_over_long_names_are_a_named_error(tmp_path):
+    with pytest.raises(ParamsFileError, match="cannot read the parameter file.*too long"):
+        EPDParams.load(tmp_path / ("p" * 300 + ".safetensors"))
+    with pytest.raises(ParamsFileError, match="cannot read the parameter file"):
+        EPDParams.load(tmp_path / ("d" * 300) / "p.safetensors")
+    with pytest.raises(FileNotFoundError):  # a missing file keeps its own error
+        EPDParams.load(tmp_path / "missing.safetensors")
+
+
+# -- fuzzing ----------------------------------------------------------------------------------------------------
+
+PALETTE = [None, True, False, 0, -1, 1, 2, 3, 5, 1.5, -0.5, 0.05, 1e308, 2**70, "", "epd", "ordered", "paper",
+           "natural", "x" * 300, [], [1], [None], {}, {"a": 1}, [[[[]]]]]
+
+
+def _nodes(value, path=()):
+    yield path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nodes(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _nodes(v, path + (i,))
+
+
+def _mutate_json(meta: dict, rng: random.Random) -> dict:
+    meta = json.loads(json.dumps(meta))
+    paths = [p for p in _nodes(meta) if p]
+    if rng.random() < 0.7:  # mostly the fields the library reads, not the free-form record in meta
+        paths = [p for p in paths if p[0] != "meta" or len(p) <= 2 or p[1] in ("config", "nfe")]
+    path = rng.choice(paths)
+    parent = meta
+    for key in path[:-1]:
+        parent = parent[key]
+    op = rng.random()
+    if op < 0.15 and isinstance(parent, dict):
+        del parent[path[-1]]
+    elif op < 0.25 and isinstance(parent[path[-1]], (int, float)) and not isinstance(parent[path[-1]], bool):
+        parent[path[-1]] = parent[path[-1]] * rng.choice([-1, 0.5, 1 + 1e-9, 2, 10])
+    elif op < 0.3 and isinstance(parent, dict):
+        parent[rng.choice(["extra", "afs_", "nfe"])] = rng.choice(PALETTE)
+    else:
+        parent[path[-1]] = rng.choice(PALETTE)
+    return meta
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    header, body = split(data)
+    n = struct.unpack("<Q", data[:8])[0]
+    kind = rng.random()
+    if kind < 0.55:  # a value anywhere in the EPD metadata
+        meta = json.loads(header["__metadata__"]["epd_solver"])
+        return with_meta(_mutate_json(meta, rng), data)
+    if kind < 0.7:  # a tensor entry of the safetensors header (dtype, shape, offsets)
+        name = rng.choice([k for k in header if k != "__metadata__"])
+        field = rng.choice(["dtype", "shape", "data_offsets"])
+        header[name][field] = rng.choice(PALETTE + ["F32", "I64", "F16", [3, 2], [0, 8]])
+        return join(header, body)
+    blob = bytearray(data)
+    if kind < 0.85:  # a byte of the header text
+        i = rng.randrange(8, 8 + n)
+    else:  # a byte of the tensor data
+        i = rng.randrange(8 + n, len(blob))
+    blob[i] = rng.choice([blob[i] ^ (1 << rng.randrange(8)), rng.randrange(256)])
+    return bytes(blob)
+
+
+def _header_of(path: Path) -> dict:
+    header, _ = split(path.read_bytes())
+    return json.loads(header["__metadata__"]["epd_solver"])
+
+
+def test_fuzzed_files_load_truthfully_or_raise_a_params_file_error(tmp_path):
+    rng = random.Random(20260)
+    data = SHIPPED.read_bytes()
+    ref = EPDParams.load(SHIPPED)
+    counts = {"loaded": 0, "refused": 0}
+    path = tmp_path / "f.safetensors"
+    for _ in range(2000):
+        blob = _mutate(data, rng)
+        path.write_bytes(blob)
+        try:
+            params = EPDParams.load(path)
+        except ParamsFileError:
+            counts["refused"] += 1
+            continue
+        # loaded: the file's own header is what the values give (library_version aside)
+        counts["loaded"] += 1
+        want = {k: v for k, v in params.header().items() if k != "library_version"}
+        have = {k: v for k, v in _header_of(path).items() if k != "library_version"}
+        assert have == want
+        # and the values mean what the shipped file's do (a flip in a last mantissa bit is harmless)
+        assert torch.equal(params.sigmas, ref.sigmas)
+        for a, b in zip(params.natural(), ref.natural()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-9)
+    # both outcomes occur, and most mutations are invalid
+    assert counts["refused"] > 1000 and counts["loaded"] > 50, counts
+    print(counts)
