@@ -300,3 +300,58 @@ def test_fuzzed_files_load_truthfully_or_raise_a_params_file_error(tmp_path):
     # both outcomes occur, and most mutations are invalid
     assert counts["refused"] > 1000 and counts["loaded"] > 50, counts
     print(counts)
+
+
+# -- sampler calls --------------------------------------------------------------------------------------------
+
+class _Labelled:
+    """The mixture's denoiser taking (and ignoring) class labels of any size: a model that tolerates a
+    wrongly sized conditioning tensor, so only the sampler's own check can catch it."""
+
+    def __init__(self):
+        self.inner = digits_mixture()
+        self.name, self.sigma_min, self.sigma_max = self.inner.name, self.inner.sigma_min, self.inner.sigma_max
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.inner(x, sigma)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "epd"])
+def test_every_sampler_refuses_conditioning_of_another_batch_size(solver):
+    from epd_solver.sampling import sample
+
+    model, params = _Labelled(), EPDParams.load(SHIPPED)
+    knobs = {"params": params} if solver == "epd" else {}
+    x = 80 * torch.randn(2, 64, generator=torch.Generator().manual_seed(2), dtype=F64)
+    with pytest.raises(ValueError, match="'class_labels' has shape \\(3,\\).*batch size 2"):
+        sample(model, x, params.sigmas, solver, extra_args={"class_labels": torch.zeros(3)}, **knobs)
+    ok, _ = sample(model, x, params.sigmas, solver, extra_args={"class_labels": torch.zeros(2)}, **knobs)
+    one, _ = sample(model, x, params.sigmas, solver, extra_args={"class_labels": torch.zeros(1)}, **knobs)
+    assert torch.equal(ok, one) and torch.isfinite(ok).all()
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None])
+def test_bool_options_take_only_bools(value):
+    from epd_solver.sampling import sample
+
+    gmm, grid = digits_mixture(), time_uniform(4)
+    x = 80 * torch.randn(2, 64, generator=torch.Generator().manual_seed(2), dtype=F64)
+    with pytest.raises(TypeError, match=f"option afs must be True or False, got {value!r}"):
+        sample(gmm, x, grid, "euler", afs=value)
+    with pytest.raises(TypeError, match="option lower_order_final must be True or False"):
+        sample(gmm, x, grid, "dpmpp_3m", lower_order_final=value)
+    plain, _ = sample(gmm, x, grid, "euler", afs=False)
+    first, _ = sample(gmm, x, grid, "euler", afs=True)
+    assert not torch.equal(plain, first)  # afs really switches the first step
+
+
+def test_float16_with_a_learned_solver_names_the_dtype():
+    gmm, params = digits_mixture(), EPDParams.load(SHIPPED)
+    x = (80 * torch.randn(2, 64, generator=torch.Generator().manual_seed(3))).half()
+    with pytest.raises(ParamsMismatchError, match="float32 or float64: torch.float16 cannot hold the distilled "
+                                                  "sigma grid"):
+        sample_epd(gmm, x, params.sigmas, params)
+    with pytest.raises(ParamsMismatchError, match="torch.bfloat16"):
+        sample_epd(gmm, x.bfloat16(), params.sigmas, params)
+    # float32 with the same noise: the grid fits and the run is finite
+    assert torch.isfinite(sample_epd(gmm, x.float(), params.sigmas.float(), params)).all()
