@@ -338,8 +338,8 @@ def test_bool_options_take_only_bools(value):
     x = 80 * torch.randn(2, 64, generator=torch.Generator().manual_seed(2), dtype=F64)
     with pytest.raises(TypeError, match=f"option afs must be True or False, got {value!r}"):
         sample(gmm, x, grid, "euler", afs=value)
-    with pytest.raises(TypeError, match="option lower_order_final must be True or False"):
-        sample(gmm, x, grid, "dpmpp_3m", lower_order_final=value)
+    with pytest.raises(TypeError, match="option thresholding must be True or False"):
+        sample(gmm, x, grid, "dpmpp_3m", thresholding=value)
     plain, _ = sample(gmm, x, grid, "euler", afs=False)
     first, _ = sample(gmm, x, grid, "euler", afs=True)
     assert not torch.equal(plain, first)  # afs really switches the first step

@@ -113,13 +113,16 @@ def check_x(x: Any) -> torch.Tensor:
     return x
 
 
+BOOL_OPTIONS = ("afs", "thresholding", "allow_other_model")  # switches (lower_order_final also takes an int)
+
+
 def check_options(name: str, knobs: dict[str, Any], given: dict[str, Any]) -> None:
-    """Unknown options and non-bool values for a bool option (``afs="no"``) are errors."""
+    """Unknown options and non-bool values for a switch (``afs="no"``) are errors."""
     unknown = set(given) - set(knobs)
     if unknown:
         raise TypeError(f"sampler {name!r} got unknown options {sorted(unknown)}; it takes {sorted(knobs)}")
     for key, value in given.items():
-        if isinstance(knobs[key], bool) and not isinstance(value, bool):
+        if key in BOOL_OPTIONS and not isinstance(value, bool):
             raise TypeError(f"sampler {name!r}: option {key} must be True or False, got {value!r}")
 
 
