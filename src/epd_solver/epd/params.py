@@ -499,11 +499,12 @@ def _check_header(meta: dict, params: EPDParams, path: Path) -> None:
         raise ParamsFileError(f"{path}: the file's nfe block {meta.get('nfe')!r} disagrees with its values "
                               f"({nfe}, from afs = {params.afs}, K = {params.k}, {params.steps} steps)")
     config = params.meta.get("config")
-    if isinstance(config, dict):  # the distillation settings the file records must match what it holds
+    if isinstance(config, dict):  # the settings the distillation resolved must match what the file holds
         fields = {"solver": params.solver, "k": params.k, "afs": params.afs, "nfe": nfe["para_nfe"],
                   "plugin_order": params.plugin_order, "parameterization": params.parameterization,
                   "scale_dir": params.scale_dir, "scale_time": params.scale_time}
-        wrong = [f"{key} = {config[key]!r} (the file holds {want!r})" for key, want in fields.items()
-                 if key in config and (config[key] != want or isinstance(config[key], bool) != isinstance(want, bool))]
+        recorded = {key: v for key, v in config.items() if key in fields and v is not None and v != "auto"}
+        wrong = [f"{key} = {v!r} (the file holds {fields[key]!r})" for key, v in recorded.items()
+                 if v != fields[key] or isinstance(v, bool) != isinstance(fields[key], bool)]
         if wrong:
             raise ParamsFileError(f"{path}: meta.config disagrees with the parameters: {', '.join(wrong)}")
