@@ -6,7 +6,6 @@ safetensors writer would refuse (a list as __metadata__, 2,000-level nesting) ca
 
 import json
 import random
-import struct
 from pathlib import Path
 
 import pytest
@@ -16,26 +15,16 @@ from epd_solver.epd import EPDParams, ParamsError, ParamsFileError, ParamsMismat
 from epd_solver.problems import digits_mixture
 from epd_solver.schedules import time_uniform
 
+import params_fuzz as fuzz
+from params_fuzz import join, split
+
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "epd_solver" / "data" / "params" / \
     "gmm-digits-epd-nfe5.safetensors"
 F64 = torch.float64
 
 
-def split(data: bytes) -> tuple[dict, bytes]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8: 8 + n]), data[8 + n:]
-
-
-def join(header: dict | str, body: bytes) -> bytes:
-    text = (header if isinstance(header, str) else json.dumps(header)).encode()
-    return struct.pack("<Q", len(text)) + text + body
-
-
-def with_meta(meta: dict | str, data: bytes | None = None) -> bytes:
-    """The shipped file with its EPD metadata replaced (``meta`` as an object or as raw JSON text)."""
-    header, body = split(data or SHIPPED.read_bytes())
-    header["__metadata__"] = {"epd_solver": meta if isinstance(meta, str) else json.dumps(meta)}
-    return join(header, body)
+def with_meta(meta, data=None):
+    return fuzz.with_meta(meta, data or SHIPPED.read_bytes())
 
 
 def shipped_meta() -> dict:
@@ -213,93 +202,16 @@ def test_over_long_names_are_a_named_error(tmp_path):
 
 # -- fuzzing ----------------------------------------------------------------------------------------------------
 
-PALETTE = [None, True, False, 0, -1, 1, 2, 3, 5, 1.5, -0.5, 0.05, 1e308, 2**70, "", "epd", "ordered", "paper",
-           "natural", "x" * 300, [], [1], [None], {}, {"a": 1}, [[[[]]]]]
-
-
-def _nodes(value, path=()):
-    yield path
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _nodes(v, path + (k,))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _nodes(v, path + (i,))
-
-
-def _mutate_json(meta: dict, rng: random.Random) -> dict:
-    meta = json.loads(json.dumps(meta))
-    paths = [p for p in _nodes(meta) if p]
-    if rng.random() < 0.7:  # mostly the fields the library reads, not the free-form record in meta
-        paths = [p for p in paths if p[0] != "meta" or len(p) <= 2 or p[1] in ("config", "nfe")]
-    path = rng.choice(paths)
-    parent = meta
-    for key in path[:-1]:
-        parent = parent[key]
-    op = rng.random()
-    if op < 0.15 and isinstance(parent, dict):
-        del parent[path[-1]]
-    elif op < 0.25 and isinstance(parent[path[-1]], (int, float)) and not isinstance(parent[path[-1]], bool):
-        parent[path[-1]] = parent[path[-1]] * rng.choice([-1, 0.5, 1 + 1e-9, 2, 10])
-    elif op < 0.3 and isinstance(parent, dict):
-        parent[rng.choice(["extra", "afs_", "nfe"])] = rng.choice(PALETTE)
-    else:
-        parent[path[-1]] = rng.choice(PALETTE)
-    return meta
-
-
-def _mutate(data: bytes, rng: random.Random) -> bytes:
-    header, body = split(data)
-    n = struct.unpack("<Q", data[:8])[0]
-    kind = rng.random()
-    if kind < 0.55:  # a value anywhere in the EPD metadata
-        meta = json.loads(header["__metadata__"]["epd_solver"])
-        return with_meta(_mutate_json(meta, rng), data)
-    if kind < 0.7:  # a tensor entry of the safetensors header (dtype, shape, offsets)
-        name = rng.choice([k for k in header if k != "__metadata__"])
-        field = rng.choice(["dtype", "shape", "data_offsets"])
-        header[name][field] = rng.choice(PALETTE + ["F32", "I64", "F16", [3, 2], [0, 8]])
-        return join(header, body)
-    blob = bytearray(data)
-    if kind < 0.85:  # a byte of the header text
-        i = rng.randrange(8, 8 + n)
-    else:  # a byte of the tensor data
-        i = rng.randrange(8 + n, len(blob))
-    blob[i] = rng.choice([blob[i] ^ (1 << rng.randrange(8)), rng.randrange(256)])
-    return bytes(blob)
-
-
-def _header_of(path: Path) -> dict:
-    header, _ = split(path.read_bytes())
-    return json.loads(header["__metadata__"]["epd_solver"])
-
-
 def test_fuzzed_files_load_truthfully_or_raise_a_params_file_error(tmp_path):
-    rng = random.Random(20260)
-    data = SHIPPED.read_bytes()
-    ref = EPDParams.load(SHIPPED)
+    """2,000 seeded mutations of a shipped file: each refused (ParamsFileError) or loaded with the header and
+    values of the original; never another exception type (the full campaign: tests/params_fuzz.py)."""
+    rng, data, ref = random.Random(20260), SHIPPED.read_bytes(), EPDParams.load(SHIPPED)
     counts = {"loaded": 0, "refused": 0}
     path = tmp_path / "f.safetensors"
     for _ in range(2000):
-        blob = _mutate(data, rng)
-        path.write_bytes(blob)
-        try:
-            params = EPDParams.load(path)
-        except ParamsFileError:
-            counts["refused"] += 1
-            continue
-        # loaded: the file's own header is what the values give (library_version aside)
-        counts["loaded"] += 1
-        want = {k: v for k, v in params.header().items() if k != "library_version"}
-        have = {k: v for k, v in _header_of(path).items() if k != "library_version"}
-        assert have == want
-        # and the values mean what the shipped file's do (a flip in a last mantissa bit is harmless)
-        assert torch.equal(params.sigmas, ref.sigmas)
-        for a, b in zip(params.natural(), ref.natural()):
-            assert torch.allclose(a, b, rtol=0, atol=1e-9)
-    # both outcomes occur, and most mutations are invalid
-    assert counts["refused"] > 1000 and counts["loaded"] > 50, counts
-    print(counts)
+        path.write_bytes(fuzz.mutate(data, rng))
+        counts[fuzz.check_load(path, ref)] += 1
+    assert counts["refused"] > 900 and counts["loaded"] > 50, counts  # both outcomes occur
 
 
 # -- sampler calls --------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from ..sampling import NFECounter, register_sampler
 from .params import GRID_RTOL, EPDParams, ParamsMismatchError
 from .step import amed_plugin_rollout, rollout
 
-__all__ = ["check_model_fit", "model_id_of", "sample_epd", "sample_epd_solver", "sample_epd_plugin", "sample_amed", "sample_amed_plugin"]
+__all__ = ["check_model_fit", "model_id_of", "sample_epd", "sample_epd_solver", "sample_epd_plugin", "sample_amed",
+           "sample_amed_plugin"]
 
 
 def model_id_of(model: Any) -> str:
