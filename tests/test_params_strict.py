@@ -267,3 +267,16 @@ def test_float16_with_a_learned_solver_names_the_dtype():
         sample_epd(gmm, x.bfloat16(), params.sigmas, params)
     # float32 with the same noise: the grid fits and the run is finite
     assert torch.isfinite(sample_epd(gmm, x.float(), params.sigmas.float(), params)).all()
+
+
+def test_a_plugin_file_without_its_order_is_refused(tmp_path):
+    from epd_solver.epd import EPDTables
+
+    grid = time_uniform(5)
+    tables = EPDTables(4, 2, "official", 0.05, 0.1, init="randn", seed=3, sigmas=grid)
+    blob = EPDParams.from_tables(tables, sigmas=grid, afs=True, solver="epd_plugin", plugin_order=2).save(
+        tmp_path / "plug.safetensors").read_bytes()
+    assert load_bytes(tmp_path, blob, "ok.safetensors").plugin_order == 2
+    meta = fuzz.epd_header(blob)
+    meta["plugin_order"] = None  # would load as the default order 3, not the 2 it was trained with
+    refused(tmp_path, fuzz.with_meta(meta, blob), "needs plugin_order in the metadata")

@@ -494,6 +494,9 @@ def _check_header(meta: dict, params: EPDParams, path: Path) -> None:
             not all(isinstance(v, float) or _is_int(v) and abs(v) < 2**53 for v in grid) or \
             not torch.equal(torch.tensor([float(v) for v in grid], dtype=torch.float64), params.sigmas):
         raise ParamsFileError(f"{path}: the sigma grid in the metadata disagrees with the stored tensor")
+    if meta.get("plugin_order") != params.plugin_order:  # a plugin file names its order (no silent default)
+        raise ParamsFileError(f"{path}: solver {params.solver!r} needs plugin_order in the metadata (1..4), got "
+                              f"{meta.get('plugin_order')!r}")
     nfe = params.nfe()
     if meta.get("nfe") != nfe:
         raise ParamsFileError(f"{path}: the file's nfe block {meta.get('nfe')!r} disagrees with its values "
