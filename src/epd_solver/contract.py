@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["NFECounter", "NFEReport", "SampleInfo", "SamplerSpec", "UnsupportedOptionError", "register_sampler",
-           "registered_spec", "check_sigmas", "check_x", "grid_points", "call_model", "sigma_vec"]
+           "registered_spec", "check_sigmas", "check_x", "check_options", "check_cond", "grid_points", "call_model",
+           "sigma_vec"]
 
 
 class UnsupportedOptionError(NotImplementedError):
@@ -117,6 +118,26 @@ def check_x(x: Any) -> torch.Tensor:
     return x
 
 
+BOOL_OPTIONS = ("afs", "thresholding", "allow_other_model")  # switches (lower_order_final also takes an int)
+
+
+def check_options(name: str, knobs: dict[str, Any], given: dict[str, Any]) -> None:
+    """Unknown options and non-bool values for a switch (``afs="no"``) are errors."""
+    unknown = set(given) - set(knobs)
+    if unknown:
+        raise TypeError(f"sampler {name!r} got unknown options {sorted(unknown)}; it takes {sorted(knobs)}")
+    for key, value in given.items():
+        if key in BOOL_OPTIONS and not isinstance(value, bool):
+            raise TypeError(f"sampler {name!r}: option {key} must be True or False, got {value!r}")
+
+
+def check_cond(extra_args: dict[str, Any], batch: int) -> None:
+    """Per-sample conditioning must have the batch size of x (or 1 to broadcast), as the EPD step requires."""
+    from .denoisers import repeat_cond
+
+    repeat_cond(extra_args, 1, batch)
+
+
 def check_sigmas(sigmas: Any, min_points: int = 2) -> torch.Tensor:
     """A 1-D, finite, strictly descending grid; only the last value may be 0."""
     s = torch.as_tensor(sigmas)
@@ -153,19 +174,18 @@ def register_sampler(name: str, *, rounds_per_step: int | None, family: str, ord
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"a sampler named {name!r} is already registered")
-        knobs = {p.name for p in list(inspect.signature(fn).parameters.values())[6:]}
+        knobs = {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[6:]}
 
         @functools.wraps(fn)
         def wrapper(model, x, sigmas, extra_args=None, callback=None, disable=None, *, return_info=False,
                     **kwargs):
-            unknown = set(kwargs) - knobs
-            if unknown:
-                raise TypeError(f"sampler {name!r} got unknown options {sorted(unknown)}; it takes {sorted(knobs)}")
+            check_options(name, knobs, kwargs)
             if not callable(model):
                 raise TypeError(f"model must be callable as model(x, sigma, **cond), got {type(model).__name__}")
             x = check_x(x)
             sigmas = check_sigmas(sigmas).to(device=x.device, dtype=x.dtype)
             extra_args = dict(extra_args or {})
+            check_cond(extra_args, x.shape[0])
             counter = model if isinstance(model, NFECounter) else NFECounter(model, x.shape[0])
             to_zero = bool(sigmas[-1] == 0)
             walk = sigmas[:-1] if to_zero else sigmas

@@ -30,6 +30,7 @@ __all__ = ["init", "cleanup", "is_initialized", "rank", "world_size", "local_ran
            "noise_for_seeds", "row_split", "RowParallelDenoiser", "broadcast_object", "MAX_SEED"]
 
 MAX_SEED = 2**63 - 1
+MAX_SEED_COUNT = 10**7  # seeds in one run (a list of 10^7 ints is ~400 MB already)
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -171,6 +172,9 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
             hi = lo if m.group(2) is None else int(m.group(2))
             if hi < lo:
                 raise ValueError(f"seed range {lo}-{hi} is reversed")
+            if len(seeds) + hi - lo + 1 > MAX_SEED_COUNT:
+                raise ValueError(f"{text!r} lists more than {MAX_SEED_COUNT:,} seeds; split the run into "
+                                 "smaller seed ranges")
             seeds.extend(range(lo, hi + 1))
     else:
         seeds = list(text)

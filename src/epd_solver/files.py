@@ -1,14 +1,71 @@
-"""Atomic file writes: every file the library writes goes through :func:`write_atomic`."""
+"""Atomic file writes: every file the library writes goes through :func:`write_atomic`.
+
+A write fills a hidden temporary file ``.<name>.<pid>.<random>.tmp`` next to the target, gives it the
+permissions a plain ``open()`` would (0666 less the umask), and renames it into place. The temporary file
+is removed on any failure, Ctrl-C included; one left by a killed process (SIGKILL, power loss) is removed
+by the next write of the same name once its process is gone.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "current_umask", "STALE_TMP_S"]
+
+TMP_NAME_CHARS = 100  # the target's name is cut to this in the temporary name, so a long name still fits
+STALE_TMP_S = 60.0  # a dead writer's temporary file this old (no longer being written) is removed
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name[:TMP_NAME_CHARS]}.{os.getpid()}."
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove temporary files of ``path`` left by writers that no longer run (killed mid-write)."""
+    stem = f".{path.name[:TMP_NAME_CHARS]}."
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(stem) and name.endswith(".tmp")):
+            continue
+        pid = name[len(stem):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # the writer still runs
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's live process
+            continue
+        try:
+            if now - entry.stat().st_mtime > STALE_TMP_S:
+                os.unlink(entry.path)
+        except OSError:
+            pass
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, replace: bool = True,
@@ -16,12 +73,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, repla
     """Write ``path`` whole or not at all: ``write(tmp)`` fills a temporary file in the same folder, which
     then takes the name. ``replace=True`` replaces an existing file (``os.replace``); ``replace=False`` never
     does (a hard link, or an exclusive create where the file system has no links) and returns False when the
-    name exists. ``fsync`` flushes the data to disk before the move."""
+    name exists. ``fsync`` flushes the data to disk before the move. The file gets mode 0666 less the
+    umask; the temporary file never outlives a failed or interrupted write."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # after write: some writers replace the file (safetensors)
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..files import write_atomic
 from .settings import GROUPS, PAPER_FID, PAPER_ORDER_NFE5, row_name
 
 __all__ = ["CSV_COLUMNS", "write_all", "markdown", "metric_table", "ordering_vs_paper", "fmt"]
@@ -29,13 +30,19 @@ def _evals(v: float | None) -> str:
 
 
 def write_all(out: Path, result: dict[str, Any]) -> None:
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in result["rows"]:
-            w.writerow({**row, "knobs": json.dumps(row.get("knobs", {}), sort_keys=True)})
-    (out / "results.md").write_text(markdown(result))
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    """results.csv, .md and .json, each written atomically (a full disk leaves no half-written report)."""
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for row in result["rows"]:
+                w.writerow({**row, "knobs": json.dumps(row.get("knobs", {}), sort_keys=True)})
+
+    texts = {"results.md": markdown(result), "results.json": json.dumps(result, indent=2, default=str)}
+    write_atomic(out / "results.csv", write_csv)
+    for name, text in texts.items():
+        write_atomic(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
 
 
 def metric_table(rows: list[dict[str, Any]], nfes: list[int], metric: str) -> str:

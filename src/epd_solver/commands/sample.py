@@ -46,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--solver", required=True, help="a solver or alias: euler (ddim), heun (edm), dpm_2, dpmpp_2m, "
                    "dpmpp_3m, unipc, ipndm, paradigms, epd, epd_plugin, amed, amed_plugin (`epd solvers` lists them)")
     p.add_argument("--params", help="parameter file of a learned solver (epd, epd_plugin, amed, amed_plugin)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use a parameter file although it was distilled for another model id or sigma range")
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--nfe", type=int, help="(Para.) NFE: the paper's grid and knobs for a baseline (its dynamic "
                       "thresholding only with --paper-setting); checked against the parameter file for a learned "
@@ -118,10 +120,15 @@ def build_plan(args: argparse.Namespace, model: Any) -> dict[str, Any]:
             raise ValueError("a learned solver's grid, AFS and knobs come from its parameter file: drop "
                              "--steps/--schedule/--rho/--afs/--set/--paper-setting")
         from ..epd import EPDParams
+        from ..epd.sampler import check_model_fit
 
         params = EPDParams.load(args.params)
         if params.solver != args.solver:
             raise ValueError(f"{args.params} holds parameters of solver {params.solver!r}, not {args.solver!r}")
+        allow = bool(getattr(args, "allow_other_model", False))
+        check_model_fit(params, model, allow)  # before any sampling
+        if allow:
+            knobs["allow_other_model"] = True
         nfe = params.nfe()
         if args.nfe is not None and args.nfe != nfe["para_nfe"]:
             raise ValueError(f"{args.params} spends {nfe['para_nfe']} (Para.) NFE, not --nfe {args.nfe}")

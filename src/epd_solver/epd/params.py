@@ -32,6 +32,10 @@ VALUE_NAMES = ("r", "weights", "dir_scale", "time_scale")
 SIMPLEX_TOL = 1e-6
 GRID_RTOL = 1e-6
 MAX_FILE_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 32  # the deepest metadata written is 5 levels; deeper nesting is refused, not parsed further
+HEADER_KEYS = frozenset({"format", "format_version", "solver", "k", "num_points", "sigmas", "afs", "plugin_order",
+                         "parameterization", "scale_dir", "scale_time", "nfe", "library_version", "meta"})
+NATURAL = "natural"  # values given directly (no raw tables); the trained kinds are parameterization.KINDS
 
 
 class ParamsError(ValueError):
@@ -69,6 +73,63 @@ def _opt_scale(v: Any, name: str) -> float | None:
     return float(v)
 
 
+def _check_json(value: Any, where: str, depth: int = 0) -> None:
+    """Bounded nesting, finite numbers and string keys in a JSON value (metadata read from a file)."""
+    if depth > MAX_JSON_DEPTH:
+        raise ParamsError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"{where}: {value!r} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ParamsError(f"{where}: key {key!r} is not a string")
+            _check_json(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]", depth + 1)
+
+
+def _loads(text: Any, what: str) -> Any:
+    """``json.loads`` with every failure (not a string, bad JSON, NaN/Infinity, huge ints, deep nesting) as
+    :class:`ParamsError`; the result has bounded nesting and finite numbers."""
+    if not isinstance(text, (str, bytes)):
+        raise ParamsError(f"{what} must be a JSON string, got {type(text).__name__}")
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a finite number")
+
+    try:
+        value = json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise ParamsError(f"{what}: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, NaN/Infinity, ints over 4300 digits
+        raise ParamsError(f"{what} is not valid JSON ({e})") from None
+    _check_json(value, what)
+    return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_meta(meta: Mapping[str, Any]) -> None:
+    """Types of the meta entries the library reads back (the rest is free-form JSON; from a file it has passed
+    :func:`_loads`)."""
+    mult = meta.get("cfg_multiplier", 1)
+    if not _is_int(mult) or mult < 1:
+        raise ParamsError(f"meta cfg_multiplier must be a positive integer (network rows per denoiser row, 2 "
+                          f"under CFG), got {mult!r}")
+    for key in ("model_id", "model_kind", "schedule"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ParamsError(f"meta {key} must be a string, got {meta[key]!r}")
+    tnfe = meta.get("teacher_nfe")
+    if tnfe is not None and (not _is_int(tnfe) or tnfe < 0):
+        raise ParamsError(f"meta teacher_nfe must be a non-negative integer or absent, got {tnfe!r}")
+    w = meta.get("guidance_scale")
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)):
+        raise ParamsError(f"meta guidance_scale must be a finite number, got {w!r}")
+
+
 class EPDParams:
     """Natural values of a learned EPD / EPD-Plugin / AMED / AMED-Plugin table, with their grid and metadata.
 
@@ -98,16 +159,19 @@ class EPDParams:
         elif plugin_order is not None:
             raise ParamsError(f"solver {solver!r} takes no plugin_order (got {plugin_order!r})")
         self.plugin_order = plugin_order
-        if not isinstance(parameterization, str) or not parameterization:
-            raise ParamsError(f"parameterization must be a non-empty string, got {parameterization!r}")
+        from .parameterization import KINDS
+
+        if not isinstance(parameterization, str) or parameterization not in KINDS + (NATURAL,):
+            raise ParamsError(f"parameterization must be one of {KINDS + (NATURAL,)}, got {parameterization!r}")
         self.parameterization = parameterization
         self.scale_dir, self.scale_time = _opt_scale(scale_dir, "scale_dir"), _opt_scale(scale_time, "scale_time")
         self.raw = {str(n): _f64(v, f"raw[{n!r}]") for n, v in (raw or {}).items()}
         self.meta = dict(meta or {})
         try:
             json.dumps(self.meta, allow_nan=False)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ParamsError(f"meta must be JSON-serialisable: {e}") from None
+        _check_meta(self.meta)
         self._validate()
 
     # -- construction -------------------------------------------------------------------------------
@@ -207,24 +271,44 @@ class EPDParams:
         if torch.any(w < -SIMPLEX_TOL) or torch.any((w.sum(-1) - 1).abs() > SIMPLEX_TOL):
             raise ParamsError(f"weights must lie on the simplex (non-negative, rows summing to 1 within "
                               f"{SIMPLEX_TOL}); row sums {w.sum(-1).tolist()}")
-        for name, scale in (("dir_scale", self.scale_dir), ("time_scale", self.scale_time)):
-            v = getattr(self, name)
-            if not torch.all(v > 0):
-                raise ParamsError(f"{name} must be positive")
-            if scale is not None and name == "dir_scale" and torch.any((v - 1).abs() > scale + 1e-12):
-                raise ParamsError(f"dir_scale must lie within scale_dir = {scale} of 1")
-            if scale is not None and name == "time_scale" and self.parameterization != "paper" \
-                    and torch.any((v - 1).abs() > scale + 1e-12):
-                raise ParamsError(f"time_scale must lie within scale_time = {scale} of 1")
+        self._check_scales()
         if self.solver.startswith("amed") and self.k != 1:
             raise ParamsError(f"solver {self.solver!r} has one inserted point per step (K = 1), got K = {self.k}")
         for n, v in self.raw.items():
             if not torch.isfinite(v).all():
                 raise ParamsError(f"raw table {n!r} contains NaN or infinite values")
-        from .parameterization import KINDS
-
-        if self.raw and self.parameterization in KINDS:  # other names: raw tables are kept as opaque data
+        if self.raw and self.parameterization == NATURAL:
+            raise ParamsError(f"raw tables need a trained parameterisation, not {NATURAL!r}: drop the raw tables "
+                              "or name the parameterisation they were trained in")
+        if self.raw:
             self._check_raw()
+
+    def _check_scales(self) -> None:
+        """c and a positive and within their bounds: 1 +- s_d, 1 +- s_t (for "paper": a = ratio^t, |t| <= s_t);
+        without recorded bounds (natural values) in (0, 2), the widest the parameterisations can give."""
+        if self.parameterization != NATURAL and (self.scale_dir is None or self.scale_time is None):
+            raise ParamsError(f"parameterisation {self.parameterization!r} needs its scale bounds: scale_dir and "
+                              f"scale_time must be numbers in [0, 1), got {self.scale_dir!r}, {self.scale_time!r}")
+        for name in ("dir_scale", "time_scale"):
+            if not torch.all(getattr(self, name) > 0):
+                raise ParamsError(f"{name} must be positive")
+        c, a = self.dir_scale, self.time_scale
+        s_d = 1.0 if self.scale_dir is None else self.scale_dir
+        if torch.any((c - 1).abs() > s_d + 1e-12) or (self.scale_dir is None and torch.any(c >= 2)):
+            raise ParamsError(f"dir_scale must lie within scale_dir = {self.scale_dir} of 1"
+                              if self.scale_dir is not None else
+                              "dir_scale must lie in (0, 2) when no scale_dir bound is recorded")
+        if self.parameterization == "paper":  # a = (sigma_{i+1} / sigma_i) ** t with |t| <= s_t
+            log_ratio = (self.sigmas[1:] / self.sigmas[:-1]).log().abs()[:, None]
+            if torch.any(a.log().abs() > self.scale_time * log_ratio * (1 + 1e-9) + 1e-12):
+                raise ParamsError(f"time_scale must lie within (sigma ratio)^(+-scale_time), scale_time = "
+                                  f"{self.scale_time}")
+            return
+        s_t = 1.0 if self.scale_time is None else self.scale_time
+        if torch.any((a - 1).abs() > s_t + 1e-12) or (self.scale_time is None and torch.any(a >= 2)):
+            raise ParamsError(f"time_scale must lie within scale_time = {self.scale_time} of 1"
+                              if self.scale_time is not None else
+                              "time_scale must lie in (0, 2) when no scale_time bound is recorded")
 
     def _check_raw(self) -> None:
         """The stored raw tables must reproduce the stored natural values."""
@@ -232,7 +316,7 @@ class EPDParams:
             tables = self.to_tables()
             with torch.no_grad():
                 nat = tables.natural()
-        except ValueError as e:
+        except (ValueError, TypeError, RuntimeError) as e:
             raise ParamsError(f"raw tables do not fit parameterisation {self.parameterization!r}: {e}") from None
         for name, v, ref in zip(VALUE_NAMES, nat, (self.r, self.weights, self.dir_scale, self.time_scale)):
             if not torch.allclose(v, ref, rtol=0, atol=1e-9):
@@ -291,12 +375,18 @@ class EPDParams:
         truncated, malformed, invalid values) or :class:`ParamsMismatchError`.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no parameter file at {path}")
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ParamsFileError(f"{path}: {size} bytes is too large for an EPD parameter file")
-        data = path.read_bytes()
+        try:
+            if not path.is_file():
+                raise FileNotFoundError(f"no parameter file at {path}")
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise ParamsFileError(f"{path}: {size} bytes is too large for an EPD parameter file")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # name too long, permission denied, a folder, ...
+            raise ParamsFileError(f"cannot read the parameter file {str(path)[:200]!r}: "
+                                  f"{e.strerror or e}") from None
         header, meta = _read_header(data, path)
         tensors = _read_tensors(data, path)
         params = _from_file(header, meta, tensors, path)
@@ -317,9 +407,11 @@ def _read_header(data: bytes, path: Path) -> tuple[dict, dict]:
     if 8 + n > len(data):
         raise ParamsFileError(f"{path}: truncated file (header of {n} bytes, file has {len(data)} bytes)")
     try:
-        header = json.loads(data[8: 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = _loads(data[8: 8 + n].decode("utf-8"), "safetensors header")
+    except UnicodeDecodeError as e:
         raise ParamsFileError(f"{path}: malformed safetensors header ({e})") from None
+    except ParamsError as e:
+        raise ParamsFileError(f"{path}: malformed {e}") from None
     if not isinstance(header, dict):
         raise ParamsFileError(f"{path}: malformed safetensors header (not a JSON object)")
     body = len(data) - 8 - n
@@ -332,18 +424,28 @@ def _read_header(data: bytes, path: Path) -> tuple[dict, dict]:
         if offsets[1] > body:
             raise ParamsFileError(f"{path}: truncated file (tensor {name!r} ends at byte {offsets[1]} of the data, "
                                   f"which has {body} bytes)")
-    text = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    extra = header.get("__metadata__")
+    if extra is not None and not isinstance(extra, dict):
+        raise ParamsFileError(f"{path}: malformed safetensors header (__metadata__ must be an object of strings, "
+                              f"got {type(extra).__name__}); re-save the parameters with EPDParams.save")
+    text = (extra or {}).get(METADATA_KEY)
     if text is None:
         raise ParamsFileError(f"{path}: a safetensors file without EPD metadata (key {METADATA_KEY!r})")
     try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ParamsFileError(f"{path}: malformed EPD metadata ({e})") from None
+        meta = _loads(text, f"EPD metadata {METADATA_KEY!r}")
+    except ParamsError as e:
+        raise ParamsFileError(f"{path}: malformed {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ParamsFileError(f"{path}: metadata is not in the {FORMAT!r} format")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ParamsFileError(f"{path}: format version {meta.get('format_version')!r} is not supported "
                               f"(this library reads version {FORMAT_VERSION})")
+    missing, unknown = sorted(HEADER_KEYS - set(meta) - {"library_version"}), sorted(set(meta) - HEADER_KEYS)
+    if missing or unknown:
+        problems = ([f"lacks {missing}"] if missing else []) + ([f"has unknown keys {unknown}"] if unknown else [])
+        raise ParamsFileError(f"{path}: the EPD metadata {' and '.join(problems)}; re-save it with EPDParams.save")
+    if not isinstance(meta.get("library_version", ""), str):
+        raise ParamsFileError(f"{path}: library_version must be a string, got {meta['library_version']!r}")
     return header, meta
 
 
@@ -377,11 +479,35 @@ def _from_file(header: dict, meta: dict, tensors: dict[str, torch.Tensor], path:
             meta=meta.get("meta"))
     except ParamsError as e:
         raise ParamsFileError(f"{path}: {e}") from None
-    if meta.get("k") != params.k or meta.get("num_points") != params.num_points:
-        raise ParamsFileError(f"{path}: metadata (K = {meta.get('k')}, N = {meta.get('num_points')}) disagrees with "
+    _check_header(meta, params, path)
+    return params
+
+
+def _check_header(meta: dict, params: EPDParams, path: Path) -> None:
+    """The file's own header must describe the loaded values: K, N, the grid, the NFE block, the config."""
+    k, n = meta.get("k"), meta.get("num_points")
+    if not _is_int(k) or not _is_int(n) or k != params.k or n != params.num_points:
+        raise ParamsFileError(f"{path}: metadata (K = {k!r}, N = {n!r}) disagrees with "
                               f"the tensors (K = {params.k}, N = {params.num_points})")
     grid = meta.get("sigmas")
     if not isinstance(grid, list) or len(grid) != params.num_points or \
-            not torch.equal(torch.tensor(grid, dtype=torch.float64), params.sigmas):
+            not all(isinstance(v, float) or _is_int(v) and abs(v) < 2**53 for v in grid) or \
+            not torch.equal(torch.tensor([float(v) for v in grid], dtype=torch.float64), params.sigmas):
         raise ParamsFileError(f"{path}: the sigma grid in the metadata disagrees with the stored tensor")
-    return params
+    if meta.get("plugin_order") != params.plugin_order:  # a plugin file names its order (no silent default)
+        raise ParamsFileError(f"{path}: solver {params.solver!r} needs plugin_order in the metadata (1..4), got "
+                              f"{meta.get('plugin_order')!r}")
+    nfe = params.nfe()
+    if meta.get("nfe") != nfe:
+        raise ParamsFileError(f"{path}: the file's nfe block {meta.get('nfe')!r} disagrees with its values "
+                              f"({nfe}, from afs = {params.afs}, K = {params.k}, {params.steps} steps)")
+    config = params.meta.get("config")
+    if isinstance(config, dict):  # the settings the distillation resolved must match what the file holds
+        fields = {"solver": params.solver, "k": params.k, "afs": params.afs, "nfe": nfe["para_nfe"],
+                  "plugin_order": params.plugin_order, "parameterization": params.parameterization,
+                  "scale_dir": params.scale_dir, "scale_time": params.scale_time}
+        recorded = {key: v for key, v in config.items() if key in fields and v is not None and v != "auto"}
+        wrong = [f"{key} = {v!r} (the file holds {fields[key]!r})" for key, v in recorded.items()
+                 if v != fields[key] or isinstance(v, bool) != isinstance(fields[key], bool)]
+        if wrong:
+            raise ParamsFileError(f"{path}: meta.config disagrees with the parameters: {', '.join(wrong)}")

@@ -18,13 +18,48 @@ import torch
 
 from ..denoisers import model_info
 from ..contract import NFECounter, register_sampler
-from .params import EPDParams, ParamsMismatchError
+from .params import GRID_RTOL, EPDParams, ParamsMismatchError
 from .step import amed_plugin_rollout, rollout
 
-__all__ = ["sample_epd", "sample_epd_solver", "sample_epd_plugin", "sample_amed", "sample_amed_plugin"]
+__all__ = ["check_model_fit", "model_id_of", "sample_epd", "sample_epd_solver", "sample_epd_plugin", "sample_amed",
+           "sample_amed_plugin"]
 
 
-def _resolve(params: Any, solver: str, sigmas: torch.Tensor, model: Any) -> EPDParams:
+def model_id_of(model: Any) -> str:
+    """The id a distillation records for ``model`` (``meta.model_id``): its ``name``, else its function or
+    class name."""
+    model = model.model if isinstance(model, NFECounter) else model
+    return str(getattr(model, "name", getattr(model, "__name__", type(model).__name__)))
+
+
+def check_model_fit(params: EPDParams, model: Any, allow_other_model: bool = False) -> None:
+    """Refuse a parameter file made for another model: another ``meta.model_id``, or a grid outside the
+    model's [sigma_min, sigma_max] or not starting at its sigma_max (sampling starts from sigma_0 * z).
+    ``allow_other_model=True`` (``--allow-other-model``) skips both checks."""
+    if not isinstance(allow_other_model, bool):
+        raise TypeError(f"allow_other_model must be a bool, got {allow_other_model!r}")
+    if allow_other_model:
+        return
+    have, want = params.meta.get("model_id"), model_id_of(model)
+    if have is not None and have != want:
+        raise ParamsMismatchError(f"the parameters were distilled for model {have!r}, not {want!r}: distil them "
+                                  f"for this model, or pass allow_other_model=True (--allow-other-model) to use "
+                                  f"them anyway")
+    inner = model.model if isinstance(model, NFECounter) else model
+    lo, hi = getattr(inner, "sigma_min", None), getattr(inner, "sigma_max", None)
+    if lo is None or hi is None:
+        return
+    s, tol = params.sigmas, GRID_RTOL
+    if float(s[-1]) < float(lo) * (1 - tol) or float(s[0]) > float(hi) * (1 + tol) \
+            or float(s[0]) < float(hi) * (1 - tol):
+        raise ParamsMismatchError(f"the parameters' sigma grid runs from {float(s[0]):.6g} to {float(s[-1]):.6g}; "
+                                  f"the model's range is [{float(lo):.6g}, {float(hi):.6g}] and sampling starts at "
+                                  f"its sigma_max: distil for this model, or pass allow_other_model=True "
+                                  f"(--allow-other-model) to use the grid anyway")
+
+
+def _resolve(params: Any, solver: str, sigmas: torch.Tensor, model: Any, allow_other_model: bool = False
+             ) -> EPDParams:
     if params is None:
         raise TypeError(f"sampler {solver!r} needs params= (an EPDParams or the path of a parameter file)")
     if isinstance(params, (str, os.PathLike)):
@@ -34,7 +69,12 @@ def _resolve(params: Any, solver: str, sigmas: torch.Tensor, model: Any) -> EPDP
     if params.solver != solver:
         raise ParamsMismatchError(f"sampler {solver!r} got parameters of solver kind {params.solver!r}; "
                                   f"use sample_epd(...) or the sampler {params.solver!r}")
+    if torch.finfo(sigmas.dtype).eps > GRID_RTOL:  # float16 / bfloat16 round the grid by more than 1e-6
+        raise ParamsMismatchError(f"learned solvers sample in float32 or float64: {sigmas.dtype} cannot hold the "
+                                  f"distilled sigma grid to {GRID_RTOL:g}; pass x as float32 (a float16 network can "
+                                  f"be wrapped to cast its input)")
     params.check_compatible(sigmas=sigmas)
+    check_model_fit(params, model, allow_other_model)
     info = model_info(model.model if isinstance(model, NFECounter) else model)
     want_kind = params.meta.get("model_kind")
     if want_kind is not None and info["kind"] != "callable" and info["kind"] != want_kind:
@@ -45,8 +85,9 @@ def _resolve(params: Any, solver: str, sigmas: torch.Tensor, model: Any) -> EPDP
     return params
 
 
-def _run(solver: str, model, x, sigmas, extra_args, callback, disable, params, strategy) -> torch.Tensor:
-    params = _resolve(params, solver, sigmas, model)
+def _run(solver: str, model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model
+         ) -> torch.Tensor:
+    params = _resolve(params, solver, sigmas, model, allow_other_model)
     run = amed_plugin_rollout if solver == "amed_plugin" else rollout
     with torch.no_grad():
         return run(model, x, sigmas, *params.natural(x.dtype, x.device), afs=params.afs,
@@ -56,30 +97,30 @@ def _run(solver: str, model, x, sigmas, extra_args, callback, disable, params, s
 
 @register_sampler("epd", rounds_per_step=2, family="learned", learned=True)
 def sample_epd_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
-                      strategy="batched"):
+                      strategy="batched", allow_other_model=False):
     """EPD-Solver: K learned parallel directions per step, one batched call (EPD.md §2)."""
-    return _run("epd", model, x, sigmas, extra_args, callback, disable, params, strategy)
+    return _run("epd", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
 @register_sampler("epd_plugin", rounds_per_step=2, family="learned", learned=True)
 def sample_epd_plugin(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
-                      strategy="batched"):
+                      strategy="batched", allow_other_model=False):
     """EPD-Plugin: EPD branch points along the iPNDM Adams-Bashforth direction (EPD.md §5)."""
-    return _run("epd_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy)
+    return _run("epd_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
 @register_sampler("amed", rounds_per_step=2, family="learned", learned=True)
 def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
-                strategy="batched"):
+                strategy="batched", allow_other_model=False):
     """AMED-Solver: one learned mid-point per step (K = 1 EPD step; per-step table, BASELINES §1.7)."""
-    return _run("amed", model, x, sigmas, extra_args, callback, disable, params, strategy)
+    return _run("amed", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
 @register_sampler("amed_plugin", rounds_per_step=2, family="learned", learned=True)
 def sample_amed_plugin(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
-                       strategy="batched"):
+                       strategy="batched", allow_other_model=False):
     """AMED-Plugin over iPNDM: a learned point inserted into each step, one AB history (BASELINES §1.8)."""
-    return _run("amed_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy)
+    return _run("amed_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
 _BY_SOLVER: dict[str, Callable[..., Any]] = {"epd": sample_epd_solver, "epd_plugin": sample_epd_plugin,
@@ -87,11 +128,13 @@ _BY_SOLVER: dict[str, Callable[..., Any]] = {"epd": sample_epd_solver, "epd_plug
 
 
 def sample_epd(model, x, sigmas, params=None, extra_args=None, callback=None, disable=None, *,
-               strategy="batched", return_info=False):
+               strategy="batched", return_info=False, allow_other_model=False):
     """Sample with learned parameters; the parameter file's solver kind picks the sampler.
 
     ``sigmas`` must match ``params.sigmas`` (relative 1e-6); a trailing 0 adds x <- D(x; sigma_min)
-    (+1 NFE). ``return_info=True`` returns ``(x, SampleInfo)`` with the NFE report.
+    (+1 NFE). ``return_info=True`` returns ``(x, SampleInfo)`` with the NFE report. A file made for another
+    model (``meta.model_id``, or a grid outside the model's sigma range) is refused
+    (:class:`ParamsMismatchError`) unless ``allow_other_model=True``.
     """
     if params is None:
         raise TypeError("sample_epd needs params (an EPDParams or the path of a parameter file)")
@@ -100,4 +143,5 @@ def sample_epd(model, x, sigmas, params=None, extra_args=None, callback=None, di
     if not isinstance(params, EPDParams):
         raise TypeError(f"params must be an EPDParams or a path, got {type(params).__name__}")
     return _BY_SOLVER[params.solver](model, x, sigmas, extra_args, callback, disable, params=params,
-                                     strategy=strategy, return_info=return_info)
+                                     strategy=strategy, return_info=return_info,
+                                     allow_other_model=allow_other_model)
