@@ -24,17 +24,25 @@ from importlib import resources
 
 import torch
 
-from .denoiser import UNetDenoiser, load_model_from, save_model
+from .denoiser import COND_KEY, MissingConditioningError, UNetDenoiser, load_model_from, save_model
 from .train import TrainConfig, edm_loss, train
 from .unet import SIGMA_DATA, DigitsUNet, EDMPrecondNet
 
-__all__ = ["load_default_model", "load_model_from", "save_model", "UNetDenoiser", "DigitsUNet", "EDMPrecondNet",
+__all__ = ["load_default_model", "load_cond_model", "load_model_from", "MissingConditioningError", "COND_KEY",
+           "COND_MODEL_FILE", "save_model", "UNetDenoiser", "DigitsUNet", "EDMPrecondNet",
            "SIGMA_DATA", "TrainConfig", "train", "edm_loss", "DEFAULT_MODEL_FILE"]
 
 DEFAULT_MODEL_FILE = "digits_unet.safetensors"
+COND_MODEL_FILE = "digits_cond_unet.safetensors"
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> UNetDenoiser:
     """The shipped digits model (name ``digits-unet-v1``, kind ``edm``, ``shape = (1, 8, 8)``)."""
     with resources.as_file(resources.files("epd_solver.data").joinpath(DEFAULT_MODEL_FILE)) as path:
+        return load_model_from(path, dtype=dtype, device=device)
+
+
+def load_cond_model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> UNetDenoiser:
+    """The shipped class-conditional digits model (``digits-cond-v1``): call it with ``class_labels``."""
+    with resources.as_file(resources.files("epd_solver.data").joinpath(COND_MODEL_FILE)) as path:
         return load_model_from(path, dtype=dtype, device=device)
