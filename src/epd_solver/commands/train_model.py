@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--label-dropout", type=float, default=_DEFAULTS.label_dropout,
                    help="with --conditional: probability that a training label is replaced by the null label")
     p.add_argument("--name", default=None,
-                   help=f"model id recorded in model.json (default {_DEFAULTS.name}, or {COND_NAME} with --conditional)")
+                   help=f"model id recorded in model.json (default {_DEFAULTS.name}, or {COND_NAME} with "
+                        "--conditional)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (results depend on it)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
