@@ -41,6 +41,10 @@ def load_model(name: str = DEFAULT_MODEL) -> Any:
         from .models import load_default_model
 
         return load_default_model()
+    if name == "digits-cond":  # the bundled class-conditional U-Net: call it with class_labels
+        from .models import load_cond_model
+
+        return load_cond_model()
     if name.startswith("gmm:"):
         from .problems import get_problem
 

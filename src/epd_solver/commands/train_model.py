@@ -11,6 +11,7 @@ import torch
 from ..models.train import DATASETS, TrainConfig, train
 
 _DEFAULTS = TrainConfig()
+COND_NAME = "digits-cond-v1"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,7 +31,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dropout", type=float, default=_DEFAULTS.dropout)
     p.add_argument("--ema-halflife", type=float, default=_DEFAULTS.ema_halflife, help="EMA half-life in samples")
     p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
-    p.add_argument("--name", default=_DEFAULTS.name, help="model id recorded in model.json")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional on the dataset's labels, with label dropout to a null label (the "
+                        "bundled digits-cond model)")
+    p.add_argument("--label-dropout", type=float, default=_DEFAULTS.label_dropout,
+                   help="with --conditional: probability that a training label is replaced by the null label")
+    p.add_argument("--name", default=None,
+                   help=f"model id recorded in model.json (default {_DEFAULTS.name}, or {COND_NAME} with "
+                        "--conditional)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (results depend on it)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
@@ -45,6 +53,8 @@ def _command(args: argparse.Namespace) -> str:
     opts = ["dataset", "steps", "batch", "lr", "seed", "channels", "blocks", "dropout", "ema_halflife", "name",
             "device", "threads"]
     parts = ["epd", "train-model", "--out", shlex.quote(str(args.out))]
+    if args.conditional:
+        parts += ["--conditional", "--label-dropout", shlex.quote(str(args.label_dropout))]
     for key in opts:
         value = getattr(args, key)
         if value is not None:
@@ -57,9 +67,12 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.name is None:
+        args.name = COND_NAME if args.conditional else _DEFAULTS.name
     cfg = TrainConfig(dataset=args.dataset, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                       channels=args.channels, blocks=args.blocks, dropout=args.dropout,
                       ema_halflife=args.ema_halflife, checkpoint_every=args.checkpoint_every, name=args.name,
+                      conditional=args.conditional, label_dropout=args.label_dropout,
                       extra={"threads": torch.get_num_threads(), "device": args.device, "command": _command(args)})
     summary = train(cfg, args.out, resume=args.resume, force=args.force, device=args.device,
                     progress=not args.quiet)

@@ -3,6 +3,12 @@
 A model file is ``NAME.safetensors`` (the EMA weights of the raw network, keys of ``DigitsUNet``) plus
 ``NAME.json`` (architecture, preconditioning, sigma range, training record). The same JSON is also stored
 in the safetensors metadata under ``"config"``, so a lone ``.safetensors`` file loads too.
+
+A class-conditional model (``net.num_classes`` > 0) records ``"conditioning": {"key": "class_labels",
+"num_classes": K, "null_label": K, "label_dropout": p}`` and is called as ``D(x, sigma,
+class_labels=LongTensor[B])`` (one label per row, or one for all); label K is the unconditional branch,
+which is what :class:`~epd_solver.denoisers.CFGDenoiser` needs as ``uncond={"class_labels": K}``.
+Calling it without ``class_labels`` raises :class:`MissingConditioningError`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ from safetensors.torch import save_file
 from ..denoisers import Denoiser
 from .unet import SIGMA_DATA, DigitsUNet, EDMPrecondNet
 
-__all__ = ["UNetDenoiser", "FORMAT", "save_model", "load_model_from", "model_config"]
+__all__ = ["UNetDenoiser", "FORMAT", "save_model", "load_model_from", "model_config", "MissingConditioningError",
+           "COND_KEY"]
+
+COND_KEY = "class_labels"
+
+
+class MissingConditioningError(ValueError):
+    """A class-conditional model was called without its ``class_labels``."""
 
 FORMAT = "epd-solver/edm-unet"
 FORMAT_VERSION = 1
@@ -39,6 +52,23 @@ class UNetDenoiser(Denoiser):
         self.net = precond.eval().requires_grad_(False)
         self.config = dict(config)
         self.shape = tuple(int(s) for s in config["shape"])
+        cond = self.config.get("conditioning") or {}
+        self.num_classes: int | None = int(cond["num_classes"]) if cond else None
+        self.null_label: int | None = int(cond["null_label"]) if cond else None
+        if cond and (cond.get("key") != COND_KEY or self.num_classes != precond.net.num_classes
+                     or self.null_label != self.num_classes):
+            raise ValueError(f"{self.name}: conditioning record {cond} does not match the network "
+                             f"({precond.net.num_classes} classes, key {COND_KEY!r}, null label = number of classes)")
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def null_condition(self) -> dict[str, torch.Tensor]:
+        """The unconditional branch's conditioning, e.g. ``CFGDenoiser(model, w, model.null_condition())``."""
+        if not self.conditional:
+            raise ValueError(f"{self.name} is unconditional: it has no null label")
+        return {COND_KEY: torch.tensor([self.null_label])}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,23 +82,52 @@ class UNetDenoiser(Denoiser):
         self.net.to(device=device, dtype=dtype)
         return self
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+    def _labels(self, cond: dict[str, Any], batch: int) -> torch.Tensor | None:
+        if not self.conditional:
+            if cond:
+                raise TypeError(f"{self.name} is unconditional; got conditioning {sorted(cond)}")
+            return None
+        labels = cond.pop(COND_KEY, None)
         if cond:
-            raise TypeError(f"{self.name} is unconditional; got conditioning {sorted(cond)}")
+            raise TypeError(f"{self.name} takes only {COND_KEY!r} as conditioning; got {sorted(cond)}")
+        if labels is None:
+            raise MissingConditioningError(
+                f"{self.name} is class-conditional: pass {COND_KEY}=LongTensor[B] with labels 0..{self.num_classes - 1}"
+                f" (or {self.null_label}, the null label, for the unconditional model), or wrap it in "
+                f"CFGDenoiser(model, scale, model.null_condition())")
+        labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"{self.name}: {COND_KEY} must be integer class indices, got {labels.dtype}")
+        if labels.ndim == 0 or labels.shape == (1,):
+            labels = labels.reshape(1).expand(batch)
+        if labels.shape != (batch,):
+            raise ValueError(f"{self.name}: {COND_KEY} must have shape ({batch},) (one label per row) or be a "
+                             f"single label, got {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_label):
+            raise ValueError(f"{self.name}: {COND_KEY} must lie in 0..{self.null_label} ({self.null_label} = null "
+                             f"label), got {int(labels.min())}..{int(labels.max())}")
+        return labels.to(self.device, torch.long)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        labels = self._labels(dict(cond), x.shape[0])
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"{self.name} takes x of shape [B, {', '.join(map(str, self.shape))}], "
                              f"got {tuple(x.shape)}")
         if torch.any(sigma <= 0):
             raise ValueError(f"{self.name} needs sigma > 0 (ln(sigma) is its noise input)")
-        out = self.net(x.to(self.device, self.dtype), sigma.to(self.device, self.dtype))
+        out = self.net(x.to(self.device, self.dtype), sigma.to(self.device, self.dtype), labels)
         return out.to(x.device, x.dtype)
 
 
-def model_config(net: DigitsUNet, name: str, **extra: Any) -> dict[str, Any]:
-    """The JSON record of a model file."""
-    return {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "kind": "edm",
-            "architecture": "DigitsUNet", "net": dict(net.config), "sigma_data": SIGMA_DATA,
-            "sigma_min": 0.002, "sigma_max": 80.0, "shape": [net.config["in_channels"], 8, 8], **extra}
+def model_config(net: DigitsUNet, name: str, label_dropout: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The JSON record of a model file (with a ``conditioning`` record when ``net`` is class-conditional)."""
+    config = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "kind": "edm",
+              "architecture": "DigitsUNet", "net": dict(net.config), "sigma_data": SIGMA_DATA,
+              "sigma_min": 0.002, "sigma_max": 80.0, "shape": [net.config["in_channels"], 8, 8]}
+    if net.num_classes:
+        config["conditioning"] = {"key": COND_KEY, "num_classes": net.num_classes, "null_label": net.num_classes,
+                                  "label_dropout": label_dropout}
+    return {**config, **extra}
 
 
 def save_model(net: DigitsUNet, config: Mapping[str, Any], path: str | Path) -> Path:
@@ -110,7 +169,7 @@ def load_model_from(path: str | Path, dtype: torch.dtype = torch.float32,
     if config.get("architecture") != "DigitsUNet":
         raise ValueError(f"{path}: unknown architecture {config.get('architecture')!r}")
     net_cfg = dict(config["net"])
-    net_cfg["mults"] = tuple(net_cfg["mults"])
+    net_cfg["mults"] = tuple(net_cfg["mults"])  # "num_classes" is absent from unconditional files
     net = DigitsUNet(**net_cfg)
     state = {}
     with safe_open(str(path), framework="pt") as f:

@@ -13,6 +13,12 @@ Defaults are the shipped model's. A sweep at 1k-4.5k steps (GPU, judged as in be
 found: no dropout better than 0.1, batch 128 better than 64, lr 2e-3 slightly better than 1e-3, C = 32 or
 two blocks per level not clearly better per step than C = 16 with one, and quality still rising at 4.5k steps.
 
+Class-conditional training (``conditional=True``, the bundled ``digits-cond``): the network also takes the
+digit's label; with probability ``label_dropout`` a training label is replaced by the null label (index =
+number of classes), so the same network learns the unconditional denoiser for classifier-free guidance.
+The labels and the dropout coin come from the same seeded generator, drawn after the noise, so an
+unconditional run's random stream is unchanged.
+
 Output folder: ``checkpoint.safetensors`` (full training state, rewritten every ``checkpoint_every``
 steps), ``model.safetensors`` + ``model.json`` (EMA weights, loadable by ``load_model_from``).
 """
@@ -35,7 +41,7 @@ from tqdm import trange
 from .denoiser import model_config, save_model
 from .unet import SIGMA_DATA, DigitsUNet, EDMPrecondNet
 
-__all__ = ["TrainConfig", "train", "edm_loss", "dataset_images", "DATASETS"]
+__all__ = ["TrainConfig", "train", "edm_loss", "dataset_images", "dataset_labels", "DATASETS"]
 
 DATASETS = ("digits",)
 CHECKPOINT = "checkpoint.safetensors"
@@ -60,6 +66,8 @@ class TrainConfig:
     ema_rampup: float = 0.1             # half-life <= ema_rampup * samples seen
     checkpoint_every: int = 500
     name: str = "digits-unet-v1"
+    conditional: bool = False
+    label_dropout: float = 0.1          # conditional only: probability of the null label per training sample
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -71,6 +79,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
 
     # fields that must match when resuming (steps, checkpoint_every and name may change)
     def fixed(self) -> dict[str, Any]:
@@ -78,6 +88,8 @@ class TrainConfig:
         for key in ("steps", "checkpoint_every", "name", "extra"):
             d.pop(key)
         d["mults"] = list(d["mults"])
+        if not self.conditional:  # unconditional records (and checkpoints) stay as they were
+            d.pop("conditional"), d.pop("label_dropout")
         return d
 
 
@@ -90,11 +102,21 @@ def dataset_images(name: str) -> torch.Tensor:
     raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
 
 
-def edm_loss(precond: EDMPrecondNet, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean over samples and pixels of lambda(sigma) (D(y + sigma n; sigma) - y)^2."""
+def dataset_labels(name: str) -> tuple[torch.Tensor, int]:
+    """Class labels (int64 [N], aligned with :func:`dataset_images`) and the number of classes."""
+    if name == "digits":
+        from ..problems import digits_labels
+
+        return digits_labels().to(torch.long), 10
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+
+
+def edm_loss(precond: EDMPrecondNet, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples and pixels of lambda(sigma) (D(y + sigma n; sigma[, label]) - y)^2."""
     s = sigma.reshape(-1, 1, 1, 1)
     weight = (s**2 + SIGMA_DATA**2) / (s * SIGMA_DATA) ** 2
-    return (weight * (precond(y + s * noise, sigma) - y) ** 2).mean()
+    return (weight * (precond(y + s * noise, sigma, class_labels) - y) ** 2).mean()
 
 
 def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
@@ -166,8 +188,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: boo
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    net = DigitsUNet(cfg.channels, cfg.mults, cfg.blocks, dropout=cfg.dropout).to(device)
-    ema = DigitsUNet(cfg.channels, cfg.mults, cfg.blocks, dropout=cfg.dropout).to(device)
+    labels, classes = dataset_labels(cfg.dataset) if cfg.conditional else (None, 0)
+    net = DigitsUNet(cfg.channels, cfg.mults, cfg.blocks, dropout=cfg.dropout, num_classes=classes).to(device)
+    ema = DigitsUNet(cfg.channels, cfg.mults, cfg.blocks, dropout=cfg.dropout, num_classes=classes).to(device)
     ema.load_state_dict(net.state_dict())
     ema.eval().requires_grad_(False)
     precond = EDMPrecondNet(net)
@@ -189,7 +212,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: boo
         idx = torch.randint(data.shape[0], (cfg.batch,), generator=gen)
         sigma = (torch.randn(cfg.batch, generator=gen) * cfg.p_std + cfg.p_mean).exp()
         noise = torch.randn((cfg.batch,) + tuple(data.shape[1:]), generator=gen)
-        loss = edm_loss(precond, data[idx.to(device)], sigma.to(device), noise.to(device))
+        y = None
+        if labels is not None:
+            drop = torch.rand(cfg.batch, generator=gen) < cfg.label_dropout
+            y = torch.where(drop, torch.full_like(idx, classes), labels[idx]).to(device)
+        loss = edm_loss(precond, data[idx.to(device)], sigma.to(device), noise.to(device), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -213,5 +240,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: boo
     final = running
     record = {"dataset": cfg.dataset, "steps": cfg.steps, "final_loss": final, "config": cfg.fixed(),
               "wall_s_last_session": round(wall, 1), **cfg.extra}
-    path = save_model(ema, model_config(ema, cfg.name, training=record), out / MODEL)
+    dropout = cfg.label_dropout if cfg.conditional else None
+    path = save_model(ema, model_config(ema, cfg.name, label_dropout=dropout, training=record), out / MODEL)
     return {"steps": cfg.steps, "final_loss": final, "wall_s": wall, "model": str(path), "checkpoint": str(ckpt)}

@@ -6,6 +6,8 @@ D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) with sigma_data = 0.5.
 Layout (C = ``channels``, E = 4C, n = ``blocks``; the shipped model has C = 16, n = 1, 287 073 parameters)::
 
     noise:  c_noise = ln(sigma)/4 -> sinusoidal(C) -> Linear(C, E) -> SiLU -> Linear(E, E)
+    label:  (``num_classes`` > 0 only) + Embedding(num_classes + 1, E)[class_labels]; the last row is the
+            null label (label dropout in training), so one network gives conditional and unconditional D
     in:     conv3x3 1 -> C                                            8x8
     down:   n ResBlocks C -> C                                        8x8
             conv3x3 stride 2, n ResBlocks C -> 2C                     4x4
@@ -84,13 +86,19 @@ class DigitsUNet(nn.Module):
     """The raw network F(x_in, c_noise) -> [B, 1, 8, 8]; see the module docstring for the layout."""
 
     def __init__(self, channels: int = 16, mults: tuple[int, ...] = (1, 2, 2), blocks: int = 1,
-                 in_channels: int = 1, dropout: float = 0.0, heads: int = 4):
+                 in_channels: int = 1, dropout: float = 0.0, heads: int = 4, num_classes: int = 0):
         super().__init__()
         c, e = channels, 4 * channels
         self.config = {"channels": channels, "mults": list(mults), "blocks": blocks, "in_channels": in_channels,
                        "dropout": dropout, "heads": heads}
         self.blocks = blocks
         self.emb = nn.Sequential(nn.Linear(c, e), nn.SiLU(), nn.Linear(e, e))
+        self.num_classes = int(num_classes)
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if self.num_classes:  # rows 0..num_classes-1 are the classes, row num_classes the null label
+            self.config["num_classes"] = self.num_classes
+            self.label_emb = nn.Embedding(self.num_classes + 1, e)
         self.inp = nn.Conv2d(in_channels, c, 3, padding=1)
         widths = [c * m for m in mults]
         self.down = nn.ModuleList()
@@ -127,8 +135,16 @@ class DigitsUNet(nn.Module):
         arg = (c_noise * 250.0)[:, None] * freqs[None]  # c_noise in ~[-1.6, 1.1]: spread it over the frequencies
         return self.emb(torch.cat([arg.cos(), arg.sin()], dim=1))
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        emb = F.silu(self._embed(c_noise))
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self._embed(c_noise)
+        if self.num_classes:
+            if class_labels is None:
+                raise ValueError("this network is class-conditional: pass class_labels (the null label "
+                                 f"{self.num_classes} for an unconditional call)")
+            emb = emb + self.label_emb(class_labels)
+        elif class_labels is not None:
+            raise ValueError("this network is unconditional: it takes no class_labels")
+        emb = F.silu(emb)
         h = self.inp(x)
         hs = [h]
         blocks, downs = iter(self.down), iter(self.downsample)
@@ -164,7 +180,9 @@ class EDMPrecondNet(nn.Module):
         c_in = 1 / (s2 + sd2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         v = lambda c: c.reshape(-1, 1, 1, 1)  # noqa: E731
-        return v(c_skip) * x + v(c_out) * self.net(v(c_in) * x, c_noise)
+        if class_labels is None:  # plain F(x_in, c_noise) networks (and the unconditional U-Net)
+            return v(c_skip) * x + v(c_out) * self.net(v(c_in) * x, c_noise)
+        return v(c_skip) * x + v(c_out) * self.net(v(c_in) * x, c_noise, class_labels)
