@@ -92,7 +92,7 @@ def _tiny_sd15(comfy):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # ComfyUI skips weight initialisation
         for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 / max(1, p[0].numel()) ** 0.5)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.6 / max(1, p[0].numel()) ** 0.5)
     model.diffusion_model.float()
     rows = []
     model.diffusion_model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
@@ -268,3 +268,87 @@ def test_mismatched_tables_fail_in_the_node(comfy):
     assert comfy.rows == []
     with pytest.raises(ValueError, match="no parameter file 'missing.safetensors'"):
         sampler_node.get_sampler(comfy.patcher, "missing.safetensors")
+    import comfy.model_sampling as cms
+
+    class Flow(cms.ModelSamplingDiscreteFlow, cms.CONST):  # what ComfyUI builds for SD3-style models
+        pass
+
+    flow_table = _table(torch.tensor([1.0, 0.3, 0.05, 0.005], dtype=torch.float64), 2)
+    flow_table.afs = True
+    with pytest.raises(ValueError, match="AFS.*flow-matching"):
+        comfy.pack.bridge.check_against_model(flow_table, Flow())
+    flow_table.afs = False
+    comfy.pack.bridge.check_against_model(flow_table, Flow())
+
+
+def test_distill_node_refuses_bad_settings_before_work(comfy, tmp_path):
+    node = comfy.mappings["EPDDistill"]()
+    comfy.rows.clear()
+    args = (comfy.patcher, _cond(1), _cond(2), 4.0, {"samples": torch.zeros(1, 4, 4, 4)}, "epd", 6, "default", 8, 0)
+    for prefix, options, message in (("ok", '{"k": ', "options must be a JSON object"),
+                                     ("ok", '{"no_such_setting": 1}', "distillation settings rejected"),
+                                     ("../up", "{}", "filename_prefix must be a plain file name")):
+        with pytest.raises(ValueError, match=message):
+            node.distill(*args, prefix, "output", options)
+    assert comfy.rows == []
+    out = Path(comfy.folder_paths.get_output_directory()) / "epd_solver"
+    assert not out.exists() or not any(out.glob("ok_*"))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_midpoint_table_equals_comfyui_dpm_2(comfy, k):
+    """An independent reference: with every branch at the geometric midpoint (r = 1/2, weights 1/K, c = a = 1)
+    EPD is the midpoint rule ComfyUI's own dpm_2 sampler runs (its midpoint is the geometric mean of sigma and
+    sigma_next); the final step to sigma 0 is an Euler step in both."""
+    grid = _model_grid(comfy, 3)
+    half = torch.full((3, k), 0.5, dtype=torch.float64)
+    name = _save(comfy, EPDParams.from_values(half, torch.full((3, k), 1.0 / k, dtype=torch.float64), sigmas=grid),
+                 f"t_mid{k}.safetensors")
+    sigmas = comfy.mappings["EPDSigmas"]().get_sigmas(comfy.patcher, name)[0]
+    sampler = comfy.mappings["EPDSampler"]().get_sampler(comfy.patcher, name, sigmas)[0]
+    noise = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    comfy.rows.clear()
+    got = _run(comfy, sampler, sigmas, 4.0, noise)
+    assert max(comfy.rows) == 2 * B * k
+    ref = _run(comfy, comfy.comfy.samplers.sampler_object("dpm_2"), sigmas, 4.0, noise)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+DISTILL_OPTIONS = '{"schedule": "polynomial", "schedule_kwargs": {"rho": 7.0}, "teacher_points": 3, "select_noises": 0, "init": "deterministic", ' \
+                  '"val_trajectories": 16, "batch": 16, "lbfgs_rounds": 2, "lbfgs_iterations": 10, "afs": false}'
+
+
+def test_epd_distill_node(comfy):
+    """Distils for the tiny model under CFG 4 inside ComfyUI's inference mode (as ComfyUI runs nodes); the file
+    validates, beats the best training-free solver on the held-out noises and then drives the EPD Sampler."""
+    node = comfy.mappings["EPDDistill"]()
+    taken = Path(comfy.folder_paths.get_folder_paths("epd_solver")[0]) / _save(
+        comfy, _table(_model_grid(comfy, 3), 2), "tiny_epd_nfe6_00001.safetensors")
+    before = taken.read_bytes()
+    progress = []
+    comfy.comfy.utils.set_progress_bar_global_hook(lambda v, total, preview, node_id=None: progress.append((v, total)))
+    try:
+        with torch.inference_mode():
+            positive, negative = _cond(1), _cond(2)
+            latent = {"samples": torch.zeros(1, 4, 4, 4)}
+            out = node.distill(comfy.patcher, positive, negative, 4.0, latent, "epd", 6, "default", 16, 0, "tiny",
+                               "models", DISTILL_OPTIONS)
+    finally:
+        comfy.comfy.utils.set_progress_bar_global_hook(None)
+    name, report = out["result"]
+    assert name == "tiny_epd_nfe6_00002.safetensors"
+    path = Path(comfy.folder_paths.get_folder_paths("epd_solver")[0]) / name
+    params = EPDParams.load(path)  # the library validates the file
+    v = params.meta["validation"]
+    assert v["better"] and v["student_rmse"] < v["baseline_rmse"], report
+    assert "better" in report and params.meta["comfyui"]["cfg"] == 4.0
+    assert progress and progress[-1] == (20, 20)
+    assert name in comfy.mappings["EPDSampler"].INPUT_TYPES()["required"]["params_name"][0]
+    sigmas = comfy.mappings["EPDSigmas"]().get_sigmas(comfy.patcher, name)[0]
+    assert torch.equal(sigmas[:-1].double(), params.sigmas.float().double()) and sigmas[-1] == 0
+    sampler = comfy.mappings["EPDSampler"]().get_sampler(comfy.patcher, name, sigmas)[0]
+    noise = torch.randn(B, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    got = _run(comfy, sampler, sigmas, 4.0, noise)
+    ref = _run(comfy, _reference_sampler(comfy, params, "sequential"), sigmas, 4.0, noise)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert taken.read_bytes() == before  # never overwritten: the node took the next number

@@ -56,6 +56,9 @@ def check_against_model(params: EPDParams, model_sampling: Any, sigmas: Any = No
     if isinstance(family, dict) and family.get("model_sampling") not in (None, type(model_sampling).__name__):
         raise EPDNodeError(f"model family mismatch: the table was distilled for a {family['model_sampling']} "
                            f"model, this one is {type(model_sampling).__name__}; distil one for this model")
+    if params.afs and _is_flow(model_sampling):
+        raise EPDNodeError("the table uses the analytical first step (AFS), which is invalid for flow-matching "
+                           "models (SD3, FLUX...): distil one with afs off for this model")
     if sigmas is None:
         return
     s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
@@ -69,6 +72,12 @@ def check_against_model(params: EPDParams, model_sampling: Any, sigmas: Any = No
         params.check_compatible(sigmas=s)
     except ParamsError as e:
         raise EPDNodeError(f"{e}: feed SIGMAS from EPD Sigmas") from None
+
+
+def _is_flow(model_sampling: Any) -> bool:
+    import comfy.model_sampling
+
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
 def _has_timestep_ranges(model: Any) -> bool:
