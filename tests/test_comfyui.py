@@ -23,7 +23,10 @@ B = 2
 def _comfy_root() -> Path:
     if os.environ.get("COMFYUI_PATH"):
         return Path(os.environ["COMFYUI_PATH"])
-    return shared_path("vendor", "ComfyUI")
+    try:
+        return shared_path("vendor", "ComfyUI")
+    except pytest.skip.Exception as e:
+        pytest.skip(f"{e.msg}; or set COMFYUI_PATH to a ComfyUI checkout")
 
 
 def _placeholder_torchvision() -> None:
@@ -268,6 +271,10 @@ def test_mismatched_tables_fail_in_the_node(comfy):
     assert comfy.rows == []
     with pytest.raises(ValueError, match="no parameter file 'missing.safetensors'"):
         sampler_node.get_sampler(comfy.patcher, "missing.safetensors")
+    vpred = _table(grid, 2)
+    vpred.meta["comfyui"] = {"model_sampling": "ModelSamplingDiscrete/V_PREDICTION"}  # same sigma range, SD2-v
+    with pytest.raises(ValueError, match="model family mismatch.*V_PREDICTION.*ModelSamplingDiscrete/EPS"):
+        sampler_node.get_sampler(comfy.patcher, _save(comfy, vpred, "t_vpred.safetensors"))
     import comfy.model_sampling as cms
 
     class Flow(cms.ModelSamplingDiscreteFlow, cms.CONST):  # what ComfyUI builds for SD3-style models
@@ -342,6 +349,7 @@ def test_epd_distill_node(comfy):
     v = params.meta["validation"]
     assert v["better"] and v["student_rmse"] < v["baseline_rmse"], report
     assert "better" in report and params.meta["comfyui"]["cfg"] == 4.0
+    assert params.meta["comfyui"]["model_sampling"] == "ModelSamplingDiscrete/EPS"
     assert progress and progress[-1] == (20, 20)
     assert name in comfy.mappings["EPDSampler"].INPUT_TYPES()["required"]["params_name"][0]
     sigmas = comfy.mappings["EPDSigmas"]().get_sigmas(comfy.patcher, name)[0]
@@ -352,3 +360,25 @@ def test_epd_distill_node(comfy):
     ref = _run(comfy, _reference_sampler(comfy, params, "sequential"), sigmas, 4.0, noise)
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     assert taken.read_bytes() == before  # never overwritten: the node took the next number
+
+
+def test_timestep_range_conditioning_runs_b_rows(comfy):
+    """ComfyUI judges timestep_start/end on a call's first row, so with timestep-range conditioning (what
+    ConditioningSetTimestepRange makes) the branches run as K calls of B rows, as ComfyUI's own samplers call."""
+    import node_helpers
+
+    early = node_helpers.conditioning_set_values(_cond(1), {"start_percent": 0.0, "end_percent": 0.5})
+    late = node_helpers.conditioning_set_values(_cond(3), {"start_percent": 0.5, "end_percent": 1.0})
+    grid = _model_grid(comfy, 3)
+    name = _save(comfy, _table(grid, 3, seed=2), "t_range.safetensors")
+    sigmas = comfy.mappings["EPDSigmas"]().get_sigmas(comfy.patcher, name)[0]
+    sampler = comfy.mappings["EPDSampler"]().get_sampler(comfy.patcher, name, sigmas)[0]
+    noise = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    comfy.rows.clear()
+    got = _run(comfy, sampler, sigmas, 4.0, noise, positive=early + late)
+    assert max(comfy.rows) <= 2 * B
+    params = EPDParams.load(Path(comfy.folder_paths.get_folder_paths("epd_solver")[0]) / name)
+    ref = _run(comfy, _reference_sampler(comfy, params, "sequential"), sigmas, 4.0, noise, positive=early + late)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    plain = _run(comfy, sampler, sigmas, 4.0, noise, positive=_cond(1))
+    assert (plain - got).abs().max() > 1e-3  # the ranges took effect

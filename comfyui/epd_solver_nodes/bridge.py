@@ -38,8 +38,16 @@ def load_table(path: str) -> EPDParams:
 
 def model_family(model_sampling: Any) -> dict[str, Any]:
     """What a table records of the ComfyUI model it was distilled for (checked by :func:`check_against_model`)."""
-    return {"model_sampling": type(model_sampling).__name__, "sigma_min": float(model_sampling.sigma_min),
+    return {"model_sampling": sampling_kind(model_sampling), "sigma_min": float(model_sampling.sigma_min),
             "sigma_max": float(model_sampling.sigma_max)}
+
+
+def sampling_kind(model_sampling: Any) -> str:
+    """ComfyUI's model sampling as ``<schedule>/<prediction>``, e.g. ``ModelSamplingDiscrete/EPS`` (SD1.5) or
+    ``ModelSamplingDiscrete/V_PREDICTION`` (SD2-v): ComfyUI builds a class named ModelSampling on these bases."""
+    cls = type(model_sampling)
+    bases = [b.__name__ for b in cls.__bases__ if b is not object]
+    return "/".join(bases) if cls.__name__ == "ModelSampling" and bases else cls.__name__
 
 
 def check_against_model(params: EPDParams, model_sampling: Any, sigmas: Any = None) -> None:
@@ -53,9 +61,10 @@ def check_against_model(params: EPDParams, model_sampling: Any, sigmas: Any = No
             f"[{lo:.6g}, {hi:.6g}]: the table was distilled for another model family; distil one for this "
             f"model (EPD Distill)")
     family = params.meta.get("comfyui")
-    if isinstance(family, dict) and family.get("model_sampling") not in (None, type(model_sampling).__name__):
+    kind = sampling_kind(model_sampling)
+    if isinstance(family, dict) and family.get("model_sampling") not in (None, kind):
         raise EPDNodeError(f"model family mismatch: the table was distilled for a {family['model_sampling']} "
-                           f"model, this one is {type(model_sampling).__name__}; distil one for this model")
+                           f"model, this one is {kind}; distil one for this model")
     if params.afs and _is_flow(model_sampling):
         raise EPDNodeError("the table uses the analytical first step (AFS), which is invalid for flow-matching "
                            "models (SD3, FLUX...): distil one with afs off for this model")
