@@ -22,6 +22,8 @@ __all__ = [
     "FlowMatchDenoiser",
     "CFGDenoiser",
     "repeat_cond",
+    "BranchMaskError",
+    "is_host_option",
     "sigmas_from_alphas_cumprod",
 ]
 
@@ -268,19 +270,48 @@ def _fit_rows(v: Any, rows: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has {v.shape[0]} rows, expected 1, {rows} or a divisor of {rows}")
 
 
+class BranchMaskError(ValueError):
+    """A host's inpainting mask cannot follow the B*K rows of a batched branch call."""
+
+
+# The host-boundary rule (one place): what a k-diffusion host puts into ``extra_args`` besides conditioning.
+# Option dicts (ComfyUI's ``model_options`` and its ``transformer_options``, any ``*_options``) and seeds are
+# host settings, never per-sample rows: they pass untouched, uninspected. ``denoise_mask`` is per-sample but
+# is applied by the host's wrapper against its own B rows of noise and latent, so it can follow only calls of
+# B rows: it passes untouched when k == 1 and is refused (BranchMaskError) for a B*k-row call.
+HOST_PASS_KEYS = frozenset({"seed"})
+HOST_MASK_KEYS = frozenset({"denoise_mask"})
+
+
+def is_host_option(key: str) -> bool:
+    """True for extra_args keys that are host settings, passed through untouched by :func:`repeat_cond`."""
+    return key in HOST_PASS_KEYS or key.endswith("_options")
+
+
 def repeat_cond(cond: Mapping[str, Any] | None, k: int, batch: int) -> dict[str, Any]:
     """Tile every per-sample conditioning value ``k`` times along dim 0, branch-major.
 
     Branch-major means rows ``[b_0 … b_{B-1}]`` of branch 1, then of branch 2, …, matching
-    ``torch.cat([x] * k)``. Tensors (and lists/tuples) with ``batch`` rows are tiled; one-row tensors,
-    scalars and non-batched values pass unchanged; nested dicts (``added_cond_kwargs``) recurse.
-    Any other leading size is an error naming the key.
+    ``torch.cat([x] * k)``. Only per-sample values are tiled: tensors (and lists/tuples) with ``batch``
+    rows; one-row tensors, scalars and non-batched values pass unchanged; nested dicts of conditioning
+    (``added_cond_kwargs``) recurse. Host settings (:func:`is_host_option`: ``seed``, ``model_options``,
+    any ``*_options``) pass untouched; a host ``denoise_mask`` tensor passes for ``k == 1`` and raises
+    :class:`BranchMaskError` for ``k > 1``. Any other leading size is an error naming the key.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     out: dict[str, Any] = {}
     for key, value in (cond or {}).items():
-        out[key] = _repeat_value(value, k, batch, key)
+        if is_host_option(key):
+            out[key] = value
+        elif key in HOST_MASK_KEYS:
+            if value is not None and k > 1:
+                raise BranchMaskError(
+                    f"extra_args {key!r} masks the host's {batch} rows of noise, but this call evaluates "
+                    f"{batch}*{k} rows at once: sample with strategy='sequential' (K calls of {batch} rows)")
+            out[key] = value
+        else:
+            out[key] = _repeat_value(value, k, batch, key)
     return out
 
 
