@@ -151,7 +151,9 @@ def _reference_sampler(ns, params, strategy):
     """The library's own EPD on the same ComfyUI model wrapper, ComfyUI's extra_args bound outside the library."""
     def fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
         host = dict(extra_args)
-        return sample_epd(lambda xb, s: model(xb, s, **host), x, sigmas, params, strategy=strategy)
+        # a plain lambda has no model id: the table's (ComfyUI's model sampling) is checked by the node itself
+        return sample_epd(lambda xb, s: model(xb, s, **host), x, sigmas, params, strategy=strategy,
+                          allow_other_model=True)
     return ns.comfy.samplers.KSAMPLER(fn)
 
 

@@ -113,8 +113,10 @@ def make_sampler_function(params: EPDParams):
             params.check_compatible(sigmas=sigmas)
         except ParamsError as e:
             raise EPDNodeError(f"{e}: feed SIGMAS from EPD Sigmas for this parameter file") from None
+        # ComfyUI hands the sampler its own wrapper of the model (KSamplerX0Inpaint), whose id is not the one the
+        # table records: the EPD Sampler node has checked the table against the MODEL's sampling already.
         return sample_epd(model, x, sigmas, params, extra_args=extra_args, callback=callback, disable=disable,
-                          strategy=strategy_for(model, extra_args))
+                          strategy=strategy_for(model, extra_args), allow_other_model=True)
 
     return sample_epd_table
 

@@ -8,14 +8,16 @@ by the next write of the same name once its process is gone.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["write_atomic", "current_umask", "STALE_TMP_S"]
+__all__ = ["write_atomic", "current_umask", "STALE_TMP_S", "check_writable", "claim_folder", "FolderBusyError"]
 
 TMP_NAME_CHARS = 100  # the target's name is cut to this in the temporary name, so a long name still fits
 STALE_TMP_S = 60.0  # a dead writer's temporary file this old (no longer being written) is removed
@@ -102,3 +104,71 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, repla
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class FolderBusyError(OSError):
+    """Another process is writing into the same output folder."""
+
+
+LOCK_NAME = ".epd-lock"
+SPACE_MARGIN = 1.1  # free space asked for beyond the planned bytes
+
+
+def check_writable(folder: str | os.PathLike, planned_bytes: int = 0, what: str = "--out") -> None:
+    """Before any expensive work: ``folder`` takes a file, and has room for ``planned_bytes`` (with a margin).
+
+    Raises an ``OSError`` whose message names the folder and the fix (another folder, free space)."""
+    folder = Path(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".epd-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {folder} is not writable ({e.strerror}); choose another folder") from None
+    need = int(planned_bytes * SPACE_MARGIN)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"{what} {folder} has {free / 2**20:.1f} MiB free, the planned files need about "
+                                    f"{need / 2**20:.1f} MiB; free some space or choose another folder")
+
+
+@contextlib.contextmanager
+def claim_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None]:
+    """Hold ``folder`` for this process while it writes there: a second ``epd`` writing into the same folder
+    stops at once with :class:`FolderBusyError` instead of racing (an advisory lock on ``folder/.epd-lock``,
+    released when the process ends, however it ends). Without ``fcntl`` (Windows) this is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path = Path(folder) / LOCK_NAME
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise FolderBusyError(errno.EBUSY, f"{what} {folder} is being written by another epd process "
+                                               f"(pid {holder}); wait for it to finish or choose another folder") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        try:
+            os.unlink(path)  # the folder holds only what the user asked for once we are done
+        except OSError:
+            pass
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

@@ -12,9 +12,11 @@ configuration, and a later run into the same folder must use the same one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 import torch.distributed
 
 from .. import distributed as dist_utils
-from ..files import write_atomic
+from ..files import check_writable, claim_folder, write_atomic
 from .seeds import HELP as SEEDS_HELP
 from .seeds import parse_seed_arg
 from .knobs import PAPER_ONLY_KNOBS, knobs_line, parse_knobs
@@ -301,6 +303,9 @@ def _prepare_out(out: Path, plan: dict[str, Any], seeds: list[int], fmt: str) ->
         return {"error": error}
     present = {p.name for p in out.iterdir()}
     done = [s for s in seeds if sample_name(s, fmt) in present]
+    # before any sampling: the folder takes files and has room for the pending ones
+    per_sample = math.prod(plan["shape"]) * (1 if fmt == "png" else np.dtype(plan["dtype"]).itemsize) + 1024
+    check_writable(out, per_sample * (len(seeds) - len(done)))
     return {"error": None, "done": done}
 
 
@@ -333,8 +338,10 @@ def run(args: argparse.Namespace) -> int:
     args.stack_path = check_new_file(getattr(args, "stack", None), ".npz", "--stack", args.force)
     owns_group = not dist_utils.is_initialized()
     device = dist_utils.init(args.device)
+    args.hold = contextlib.ExitStack()  # rank 0 claims --out there once _run has made the folder
     try:
-        return _run(args, seeds, stats_path, device)
+        with args.hold:
+            return _run(args, seeds, stats_path, device)
     finally:
         if owns_group:
             dist_utils.cleanup()
@@ -389,6 +396,8 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
 
     out = Path(args.out)
     done = set(_on_rank0(_prepare_out, out, plan, seeds, fmt)["done"])
+    if me == 0:  # a second `epd sample` into the same folder stops here instead of racing this one
+        args.hold.enter_context(claim_folder(out))
     pending = [s for s in seeds if s not in done]
     branch = args.branch_parallel and world > 1
     runner = dist_utils.RowParallelDenoiser(model) if branch else model

@@ -32,6 +32,12 @@ def model_id_of(model: Any) -> str:
     return str(getattr(model, "name", getattr(model, "__name__", type(model).__name__)))
 
 
+def _innermost(model: Any) -> Any:
+    while hasattr(model, "inner"):  # CFGDenoiser and other wrappers
+        model = model.inner
+    return model
+
+
 def check_model_fit(params: EPDParams, model: Any, allow_other_model: bool = False) -> None:
     """Refuse a parameter file made for another model: another ``meta.model_id``, or a grid outside the
     model's [sigma_min, sigma_max] or not starting at its sigma_max (sampling starts from sigma_0 * z).
@@ -50,8 +56,11 @@ def check_model_fit(params: EPDParams, model: Any, allow_other_model: bool = Fal
     if lo is None or hi is None:
         return
     s, tol = params.sigmas, GRID_RTOL
+    # A grid starts at the model's sigma_max, or on a discrete-time model up to the time-scale bound below it
+    # (distillation insets the grid there so that every learned a * tau stays on the scheduler's levels).
+    inset = 1.0 + float(params.scale_time or 0.0) if callable(getattr(_innermost(inner), "sigma_to_t", None)) else 1.0
     if float(s[-1]) < float(lo) * (1 - tol) or float(s[0]) > float(hi) * (1 + tol) \
-            or float(s[0]) < float(hi) * (1 - tol):
+            or float(s[0]) < float(hi) / inset * (1 - tol):
         raise ParamsMismatchError(f"the parameters' sigma grid runs from {float(s[0]):.6g} to {float(s[-1]):.6g}; "
                                   f"the model's range is [{float(lo):.6g}, {float(hi):.6g}] and sampling starts at "
                                   f"its sigma_max: distil for this model, or pass allow_other_model=True "

@@ -123,7 +123,15 @@ def _split(pipe_or_model: Any, scheduler: Any) -> tuple[torch.nn.Module, Any, An
 
 
 def _model_name(model: Any) -> str:
-    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    """The model id recorded in parameter files: the class and a digest of its architecture config, the same
+    however the model was loaded (a folder, a hub cache, in memory). Weights are not hashed (gigabytes): a
+    table distilled for one fine-tune of an architecture is accepted on another of the same config."""
+    import hashlib
+    import json
+
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{type(model).__name__}-{digest}"
 
 
 def diffusers_denoiser(pipe_or_model: Any, scheduler: Any = None, *, prediction_type: str | None = None,
@@ -574,8 +582,7 @@ def load_diffusers_model(path: str | os.PathLike, *, scheduler: Any = None, pred
             model.to(device)
         sched = scheduler if scheduler is not None else _find_scheduler(sub)
     model.eval().requires_grad_(False)
-    denoiser = diffusers_denoiser(model, sched, prediction_type=prediction_type, quantize=quantize,
-                                  name=str(folder))
+    denoiser = diffusers_denoiser(model, sched, prediction_type=prediction_type, quantize=quantize)
     denoiser.pipeline = pipe
     denoiser.scheduler = sched
     denoiser.shape = _latent_shape(model, getattr(pipe, "vae", None), 1, None, None)[1:]
