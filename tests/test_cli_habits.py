@@ -210,3 +210,16 @@ def test_bench_report_on_a_user_model_has_no_cifar10_section(tmp_path):
     run_bench(BenchConfig(model="gmm:digits", nfe=(3,), solvers="euler", out=str(tmp_path / "n3"), distill=False,
                           samples=4, cache_dir="", quiet=True, grid_samples=2), log=lambda m: None)
     assert "Ordering at NFE 5" not in (tmp_path / "n3" / "results.md").read_text()  # no NFE 5 column
+
+
+def test_distill_force_restarts_cleanly_over_a_stale_checkpoint(tmp_path, capsys):
+    out = tmp_path / "epd4.safetensors"
+    stale = tmp_path / "epd4.safetensors.ckpt"
+    stale.write_bytes(b"an interrupted run's checkpoint")
+    argv = ["distill", "--model", "gmm:digits", "--nfe", "4", "--out", str(out), *TINY_DISTILL]
+    assert main(argv) == 2  # neither --resume nor --force: the checkpoint is kept and the error says both
+    err = capsys.readouterr().err
+    assert "pass --resume to continue it, or --force to start over" in err and stale.read_bytes().startswith(b"an ")
+    assert main(argv + ["--force"]) == 0
+    assert "--force: removed the checkpoint" in capsys.readouterr().err
+    assert EPDParams.load(out).nfe()["para_nfe"] == 4

@@ -74,6 +74,9 @@ def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not force:
         raise FileExistsError(f"--out {path} exists and is not empty; pass --force to write into it")
     path.mkdir(parents=True, exist_ok=True)
+    from ..files import check_writable
+
+    check_writable(path, 8 * 2**20)  # reports, plots and grids, before the reference solve
     return path
 
 

@@ -135,9 +135,16 @@ def _run(args, main: bool) -> int:
         raise ValueError(f"--out {out} is not a file")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out does not exist: {out.parent}")
+    from ..files import check_writable
+
+    check_writable(out.parent, 2**20, "the folder of --out")  # the table and its checkpoint, before any work
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
     if ckpt.exists() and not args.resume:
-        raise FileExistsError(f"checkpoint {ckpt} exists: pass --resume to continue it, or remove it")
+        if not args.force:
+            raise FileExistsError(f"checkpoint {ckpt} exists: pass --resume to continue it, or --force to start over")
+        ckpt.unlink()  # --force: a clean restart, not a resume of a stale run
+        print(f"epd distill: --force: removed the checkpoint {ckpt} of an earlier run; starting over",
+              file=sys.stderr)
     points = args.teacher_points
     if points is not None and points != "auto":
         try:
