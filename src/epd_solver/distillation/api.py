@@ -105,7 +105,8 @@ class DistillRun:
             raise TypeError(f"model must be callable as model(x, sigma, **cond), got {type(model).__name__}")
         self.model = model
         self.cfg: DistillConfig = make_config(solver, nfe, recipe, **options)
-        self.shape = tuple(int(s) for s in (shape or getattr(model, "shape", None) or ()))
+        self.shape = tuple(int(s) for s in (shape or getattr(model, "shape", None)  # a CFGDenoiser: its inner model's
+                                            or getattr(getattr(model, "inner", None), "shape", None) or ()))
         if not self.shape:
             raise ValueError("the model has no `shape` attribute: pass shape= (the per-sample shape)")
         lo = sigma_min if sigma_min is not None else getattr(model, "sigma_min", None)
