@@ -108,3 +108,60 @@ def test_verdict_reports_the_worst_condition(tmp_path):
     assert per["worst_ratio"] == max(per["ratios"].values())
     assert v["reference"] == "exact"  # a guided mixture keeps its exact end points
     assert f"worst of 10 conditions: row {per['worst_condition']}" in lines[-1]
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def cli(*argv):
+    from epd_solver.cli import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--class-labels", "3-1"], "the range 3-1 runs backwards"),
+    (["--class-labels", "0-12"], r"--class-labels \[10, 11, 12\] outside gmm:digits-cond's classes 0-9"),
+    ([], "is class-conditional \\(classes 0-9\\): pass --class-labels"),
+    (["--class-labels", "1,,2"], "is not a label or a range"),
+    (["--class-labels", "0-9", "--guidance-scale", "2", "--null-label", "3"], "--null-label 3 is also among"),
+])
+def test_cli_named_errors_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "samples"
+    assert cli("sample", "--model", "gmm:digits-cond", "--solver", "euler", "--steps", 3, "--seeds", "0-3",
+               "--out", out, *flags) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not out.exists()
+    table = tmp_path / "t.safetensors"
+    assert cli("distill", "--model", "gmm:digits-cond", "--nfe", 3, "--out", table, *flags) == 2
+    assert __import__("re").search(message, capsys.readouterr().err) and not table.exists()
+
+
+def test_cli_unconditional_model_refuses_labels(tmp_path, capsys):
+    assert cli("sample", "--model", "gmm:digits", "--solver", "euler", "--steps", 3, "--seeds", "0-1", "--out",
+               tmp_path / "s", "--class-labels", "1") == 2
+    assert "gmm:digits is not class-conditional" in capsys.readouterr().err
+
+
+def test_cli_samples_per_seed_labels_and_refuses_another_guidance(tmp_path, capsys):
+    import numpy as np
+
+    from epd_solver.epd import sample_epd
+    from epd_solver.distributed import noise_for_seeds
+
+    params = distill(guided(), "epd", 3, batch=13, conditions={"class_labels": torch.tensor([2, 5, 7])}, **OPTS)
+    path = tmp_path / "t.safetensors"
+    params.save(path)
+    base = ["sample", "--model", "gmm:digits-cond", "--solver", "epd", "--params", path, "--seeds", "4-9",
+            "--format", "npy", "--dtype", "float64", "--class-labels", "2,5,7"]
+    assert cli(*base, "--out", tmp_path / "w3", "--guidance-scale", 3) == 2
+    assert "distilled at guidance 2, not --guidance-scale 3" in capsys.readouterr().err
+    assert cli(*base, "--out", tmp_path / "w1") == 2  # no --guidance-scale: guidance 1
+    assert cli(*base, "--out", tmp_path / "w2", "--guidance-scale", 2, "--quiet") == 0
+    seeds = list(range(4, 10))
+    x = noise_for_seeds(seeds, (64,), torch.float64) * 80.0
+    labels = torch.tensor([[2, 5, 7][s % 3] for s in seeds])
+    ref = sample_epd(guided(), x, params.sigmas, params, extra_args={"class_labels": labels})
+    got = np.stack([np.load(tmp_path / "w2" / f) for f in sorted(p.name for p in (tmp_path / "w2").glob("*.npy"))])
+    names = sorted(p.name for p in (tmp_path / "w2").glob("*.npy"))
+    order = [int("".join(ch for ch in n if ch.isdigit())) for n in names]
+    np.testing.assert_allclose(got, ref[[seeds.index(s) for s in order]].numpy(), rtol=0, atol=1e-10)
+    assert cli(*base, "--out", tmp_path / "w3b", "--guidance-scale", 3, "--allow-guidance-mismatch", "--quiet") == 0
