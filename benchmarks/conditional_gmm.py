@@ -8,7 +8,9 @@ solver at the paper's setting and at each schedule x AFS, same guidance, same Pa
 set itself (so the bar is, if anything, flattering to the baselines). Per class: the ratio distilled /
 that same best baseline on the class's pairs, and its worst class.
 
-    python benchmarks/conditional_gmm.py --guidance 1 3 --nfe 5 --out benchmarks/results/conditional_gmm
+    python benchmarks/conditional_gmm.py --guidance 1 3 --nfe 5 3 7 9 --out benchmarks/results/conditional_gmm
+
+Also: each table sampled at the other guidance scales (how a table distilled at w transfers to w').
 """
 
 from __future__ import annotations
@@ -36,15 +38,38 @@ def guided(w: float):
     return m if w == 1 else CFGDenoiser(m, w, {"class_labels": torch.tensor([m.null_label])})
 
 
-def cell(w: float, nfe: int, n: int, cache_dir: str | None, log) -> dict:
+class TestSet:
+    """The held-out (noise, label) pairs and their exact guided end points (per guidance, computed once)."""
+
+    def __init__(self, n: int):
+        self.seeds = SeedRange(TEST_SEED_BASE, n)
+        self.x0 = start_states(80.0, (64,), self.seeds)
+        self.y = condition_rows(self.seeds, 10)
+        self.rows = {"class_labels": self.y}
+        self._exact: dict[float, tuple[torch.Tensor, float]] = {}
+
+    def exact(self, w: float) -> tuple[torch.Tensor, float]:
+        if w not in self._exact:
+            t = time.perf_counter()
+            x = exact_reference(guided(w), self.x0, 80.0, 0.002, rtol=1e-10, rows=self.rows)
+            self._exact[w] = (x, time.perf_counter() - t)
+        return self._exact[w]
+
+
+def transfer(params, w_from: float, w_to: float, test: TestSet, best_rmse: float) -> dict:
+    """A table distilled at guidance w_from sampled at w_to, against w_to's exact end points and best baseline."""
+    exact, _ = test.exact(w_to)
+    with torch.no_grad():
+        out = sample_epd(guided(w_to), test.x0, params.sigmas, params, extra_args=test.rows)
+    e = rmse(out, exact)
+    return {"distilled_at": w_from, "sampled_at": w_to, "nfe": params.nfe()["para_nfe"], "epd_rmse": e,
+            "baseline_rmse": best_rmse, "ratio": e / best_rmse}
+
+
+def cell(w: float, nfe: int, test: TestSet, cache_dir: str | None, log) -> tuple[dict, object]:
     model = guided(w)
-    seeds = SeedRange(TEST_SEED_BASE, n)
-    x0 = start_states(80.0, (64,), seeds)
-    y = condition_rows(seeds, 10)
-    rows = {"class_labels": y}
-    t = time.perf_counter()
-    exact = exact_reference(model, x0, 80.0, 0.002, rtol=1e-10, rows=rows)
-    t_exact = time.perf_counter() - t
+    x0, y, rows = test.x0, test.y, test.rows
+    exact, t_exact = test.exact(w)
     t = time.perf_counter()
     params = distill(model, "epd", nfe, conditions={"class_labels": LABELS}, cache_dir=cache_dir, log=log)
     seconds = time.perf_counter() - t
@@ -61,16 +86,16 @@ def cell(w: float, nfe: int, n: int, cache_dir: str | None, log) -> dict:
         per[c]["ratio"] = per[c]["epd"] / per[c]["baseline"]
     worst = max(per, key=lambda c: per[c]["ratio"])
     e = rmse(out, exact)
-    return {"guidance": w, "nfe": nfe, "test_pairs": n, "epd_rmse": e, "best_baseline": best["label"],
+    return {"guidance": w, "nfe": nfe, "test_pairs": x0.shape[0], "epd_rmse": e, "best_baseline": best["label"],
             "baseline_rmse": best["rmse_exact"], "ratio": e / best["rmse_exact"], "per_class": per,
             "worst_class": worst, "worst_class_ratio": per[worst]["ratio"], "distill_seconds": seconds,
             "exact_seconds": t_exact, "val_ratio": params.meta["validation"]["ratio"],
             "check_ratio": params.meta["validation"].get("check", {}).get("ratio"),
             "schedule": [params.meta["schedule"], params.meta["schedule_kwargs"]],
-            "conditioning": params.meta["conditioning"]}
+            "conditioning": params.meta["conditioning"]}, params
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], moved: list[dict] | None = None) -> str:
     lines = ["| guidance | Para.NFE | EPD K=2 RMSE | best training-free (test-set pick) | its RMSE | ratio | "
              "worst class (ratio) | per-class ratios 0-9 | distill s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -78,6 +103,14 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['guidance']:g} | {r['nfe']} | {r['epd_rmse']:.4f} | {r['best_baseline']} | "
                      f"{r['baseline_rmse']:.4f} | {r['ratio']:.3f} | {r['worst_class']} ({r['worst_class_ratio']:.3f}) "
                      f"| {per} | {r['distill_seconds']:.0f} |")
+    if moved:
+        lines += ["", "Transfer: a table distilled at one guidance scale sampled at another (ratio to the best "
+                  "training-free solver at the sampled guidance):", "",
+                  "| Para.NFE | distilled at | sampled at | EPD RMSE | best training-free RMSE | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for m in moved:
+            lines.append(f"| {m['nfe']} | {m['distilled_at']:g} | {m['sampled_at']:g} | {m['epd_rmse']:.4f} | "
+                         f"{m['baseline_rmse']:.4f} | {m['ratio']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,16 +122,25 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    rows = []
-    for w in args.guidance:
-        for nfe in args.nfe:
-            r = cell(w, nfe, args.test_pairs, args.cache_dir, log=lambda m: print("  ", m, flush=True))
+    rows, moved = [], []
+    test = TestSet(args.test_pairs)
+    for nfe in args.nfe:
+        tables = {}
+        for w in args.guidance:
+            r, tables[w] = cell(w, nfe, test, args.cache_dir, log=lambda m: print("  ", m, flush=True))
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("per_class", "conditioning")}), flush=True)
+            for w_from, params in tables.items():  # every pair of guidance scales distilled at this NFE
+                for w_to in tables:
+                    if w_to != w_from and not any(m["nfe"] == nfe and (m["distilled_at"], m["sampled_at"])
+                                                  == (w_from, w_to) for m in moved):
+                        best = next(q["baseline_rmse"] for q in rows if q["nfe"] == nfe and q["guidance"] == w_to)
+                        moved.append(transfer(params, w_from, w_to, test, best))
             if args.out:
-                Path(args.out + ".json").write_text(json.dumps(rows, indent=1, default=str))
-                Path(args.out + ".md").write_text(markdown(rows))
-    print(markdown(rows))
+                Path(args.out + ".json").write_text(json.dumps({"cells": rows, "transfer": moved}, indent=1,
+                                                               default=str))
+                Path(args.out + ".md").write_text(markdown(rows, moved))
+    print(markdown(rows, moved))
     return 0
 
 

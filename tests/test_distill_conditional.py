@@ -38,6 +38,8 @@ def test_rows_follow_the_seed_and_are_balanced():
         Conditions(LABELS, {"class_labels": torch.tensor([1])})
     with pytest.raises(ConditionsError, match="0 dimensions"):
         Conditions({"class_labels": torch.tensor(3)})
+    with pytest.raises(ConditionsError, match="gmm:digits-cond is class-conditional: pass conditions="):
+        distill(guided(), "epd", 3, **OPTS)  # before any model call
 
 
 def test_conditional_teacher_equals_a_per_sample_loop():

@@ -16,7 +16,7 @@ import torch
 from ..epd import EPDParams, EPDTables
 from ..schedules import schedule_label
 from .cache import DiskCache, default_cache_dir, model_fingerprint
-from .conditions import ASSIGNMENT_RULE, Conditions, tensor_digest
+from .conditions import ASSIGNMENT_RULE, Conditions, ConditionsError, tensor_digest
 from .config import AUTO, GRID_CANDIDATES, INIT_CANDIDATES, SELECTION_REFERENCE, DistillConfig, make_config
 from .losses import DistillLoss, sample_mse
 from .noise import VALIDATION_SEED_BASE, SeedRange, start_states
@@ -125,6 +125,13 @@ class DistillRun:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.extra_args = dict(extra_args or {})
         self.conditions = Conditions(conditions, self.extra_args) if conditions is not None else None
+        base = getattr(model, "inner", model)  # a CFGDenoiser's model
+        key = getattr(base, "condition_key", None)
+        if getattr(base, "num_classes", None) is not None and key and self.conditions is None \
+                and key not in self.extra_args:
+            raise ConditionsError(f"{getattr(base, 'name', 'the model')} is class-conditional: pass "
+                                  f"conditions={{{key!r}: labels}} (one row per trajectory by seed) or "
+                                  f"extra_args={{{key!r}: label}} (one label for all)")
         from ..denoisers import CFGDenoiser
 
         # the conditional model itself is guidance 1 (D_u + 1 (D_c - D_u) = D_c)
