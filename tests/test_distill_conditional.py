@@ -167,3 +167,21 @@ def test_cli_samples_per_seed_labels_and_refuses_another_guidance(tmp_path, caps
     order = [int("".join(ch for ch in n if ch.isdigit())) for n in names]
     np.testing.assert_allclose(got, ref[[seeds.index(s) for s in order]].numpy(), rtol=0, atol=1e-10)
     assert cli(*base, "--out", tmp_path / "w3b", "--guidance-scale", 3, "--allow-guidance-mismatch", "--quiet") == 0
+
+
+def test_cli_distill_records_labels_and_guidance(tmp_path, capsys):
+    from epd_solver.epd import EPDParams
+
+    out = tmp_path / "t.safetensors"
+    assert cli("distill", "--model", "gmm:digits-cond", "--nfe", 3, "--out", out, "--class-labels", "0-4,7",
+               "--guidance-scale", 2, "--trajectories", 13, "--val-trajectories", 12, "--lbfgs-rounds", 2,
+               "--lbfgs-iterations", 3, "--select-noises", 0, "--teacher-points", 1, "--schedule", "time_uniform",
+               "--no-progressive", "--no-cache", "--quiet", "--allow-worse") == 0
+    assert "worst of 6 conditions" in capsys.readouterr().out
+    rec = EPDParams.load(out).meta["conditioning"]
+    assert rec["conditions"] == 6 and rec["guidance_scale"] == 2.0 and rec["keys"] == ["class_labels"]
+    assert rec["digest"] == Conditions({"class_labels": torch.tensor([0, 1, 2, 3, 4, 7])}).digest
+    # the same table from the API: the command line adds nothing of its own
+    api = distill(guided(), "epd", 3, batch=OPTS.get("batch", 128), conditions={"class_labels": torch.tensor(
+        [0, 1, 2, 3, 4, 7])}, **dict(OPTS, val_trajectories=12))
+    torch.testing.assert_close(tables(EPDParams.load(out)), tables(api), rtol=0, atol=1e-6)
