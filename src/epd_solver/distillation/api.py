@@ -40,7 +40,8 @@ EXACT_RTOL = 1e-6  # validation reference: its error (~3e-7 RMSE) is far below a
 def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,
             sigma_min: float | None = None, sigma_max: float | None = None, model_id: str | None = None,
             extra_args: dict[str, Any] | None = None, conditions: dict[str, torch.Tensor] | None = None,
-            dtype: torch.dtype | None = None, device: torch.device | str | None = None, cache_dir: str | os.PathLike | None = None,
+            dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+            cache_dir: str | os.PathLike | None = None,
             cache: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
             resume: bool = False, init_from: Any = None, feature: Callable[[torch.Tensor], torch.Tensor] | None = None,
             progress: bool = False, log: Callable[[str], None] | None = None,
@@ -69,8 +70,8 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
     with the same total batch. Call it on every rank with the same arguments.
     """
     return DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
-                      model_id=model_id, extra_args=extra_args, conditions=conditions, dtype=dtype, device=device, cache_dir=cache_dir,
-                      cache=cache, feature=feature, progress=progress, log=log, data_parallel=data_parallel,
+                      model_id=model_id, extra_args=extra_args, conditions=conditions, dtype=dtype, device=device,
+                      cache_dir=cache_dir, cache=cache, feature=feature, progress=progress, log=log, data_parallel=data_parallel,
                       **options).run(
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
         on_iteration=on_iteration)
@@ -94,8 +95,8 @@ class DistillRun:
     """One distillation (the steps of :func:`distill`, kept apart so benchmarks can reuse its pieces)."""
 
     def __init__(self, model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,
-                 sigma_min=None, sigma_max=None, model_id=None, extra_args=None, conditions=None, dtype=None, device=None,
-                 cache_dir=None, cache: bool = True, feature=None, progress: bool = False, log=None,
+                 sigma_min=None, sigma_max=None, model_id=None, extra_args=None, conditions=None, dtype=None,
+                 device=None, cache_dir=None, cache: bool = True, feature=None, progress: bool = False, log=None,
                  data_parallel: bool | None = None, **options):
         if isinstance(model, str):
             from ..resolve import load_model
