@@ -71,7 +71,8 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
     """
     return DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
                       model_id=model_id, extra_args=extra_args, conditions=conditions, dtype=dtype, device=device,
-                      cache_dir=cache_dir, cache=cache, feature=feature, progress=progress, log=log, data_parallel=data_parallel,
+                      cache_dir=cache_dir, cache=cache, feature=feature, progress=progress, log=log,
+                      data_parallel=data_parallel,
                       **options).run(
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
         on_iteration=on_iteration)
