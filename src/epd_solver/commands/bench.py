@@ -81,10 +81,25 @@ def run(args) -> int:
                       inception_weights=args.inception_weights, fid_ref=args.fid_ref, ref_solver=args.ref_solver,
                       ref_steps=args.ref_steps, cache_dir=args.cache_dir, threads=args.threads, force=args.force,
                       quiet=args.quiet, command=command, overrides=overrides, dtype=args.dtype)
+    _refuse_conditional(args.model)
     check_out_dir(args.out, args.force)  # before any work
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())
     return 0
+
+
+def _refuse_conditional(name: str) -> None:
+    """``epd bench`` runs every solver unconditionally: a class-conditional model is refused before any work."""
+    if name.startswith("diffusers:"):  # loading is costly; the adapter names its missing conditioning itself
+        return
+    from ..resolve import load_model
+
+    model = load_model(name)
+    classes = getattr(model, "num_classes", None)
+    if classes is not None:
+        raise ValueError(f"{name} is class-conditional (classes 0-{int(classes) - 1}) and epd bench does not pass "
+                         "class labels yet: compare solvers on it with benchmarks/conditional_gmm.py, or distil "
+                         "and sample with epd distill/sample --class-labels")
 
 
 def _latency(args, nfe: tuple[int, ...], command: str) -> int:
@@ -97,6 +112,7 @@ def _latency(args, nfe: tuple[int, ...], command: str) -> int:
     if any(n % 2 == 0 for n in nfe):
         raise ValueError("--latency compares EPD with AFS, whose Para.NFE is odd: pass odd --nfe values")
     batches, ks = list(parse_ints(args.batch_sizes, "--batch-sizes")), list(parse_ints(args.ks, "--ks"))
+    _refuse_conditional(args.model)
     out = check_out_dir(args.out, args.force)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -105,6 +105,9 @@ def add_parser(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's choice)")
+    from .conditioning import add_arguments as add_conditioning
+
+    add_conditioning(p)
     p.set_defaults(func=run)
 
 
@@ -178,7 +181,12 @@ def _run(args, main: bool) -> int:
         if main and not msg.startswith("validation ("):  # the validation line is printed once, below
             print(msg, file=sys.stderr, flush=True)
 
-    params = distill(args.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
+    from ..resolve import load_model
+    from .conditioning import conditioning_of
+
+    cond = conditioning_of(load_model(args.model), args)  # named errors before any work
+    params = distill(cond.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
+                     conditions=cond.conditions,
                      cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
                      resume=args.resume, init_from=args.init_from, feature=feature, progress=not args.quiet,
                      log=log, **options)

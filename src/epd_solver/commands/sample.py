@@ -85,6 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--force", action="store_true", help="replace an existing --stats/--preview/--stack file "
                    "(samples never are)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .conditioning import add_arguments as add_conditioning
+
+    add_conditioning(p, sample=True)
     p.set_defaults(func=run)
     return p
 
@@ -382,11 +385,18 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
     from ..sampling import get_sampler
 
     world, me = dist_utils.world_size(), dist_utils.rank()
-    model = _load(args, device)
-    shape = sample_shape(model)
+    from .conditioning import check_table_guidance, conditioning_of
+
+    cond = conditioning_of(_load(args, device), args)  # a conditional model without labels: before any work
+    model = cond.model
+    shape = sample_shape(getattr(model, "inner", model))
     fmt = output_format(args.format, shape)
     built = build_plan(args, model)
     plan, knobs = built["plan"], built["knobs"]
+    if "params" in knobs:
+        check_table_guidance(knobs["params"].meta, cond, args.allow_guidance_mismatch)
+    if cond.labels is not None:
+        plan.update(cond.describe())
     plan.update(model=args.model, model_name=str(getattr(model, "name", args.model)), shape=list(shape),
                 dtype=args.dtype, output=fmt, start_scale=start_scale(model, plan["sigmas"]),
                 noise="per-seed torch.Generator (CPU) randn in the sampling dtype")
@@ -424,7 +434,8 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
         for batch in batches:
             x = dist_utils.noise_for_seeds(batch, shape, DTYPES[args.dtype], device) * plan["start_scale"]
             with torch.no_grad():
-                x, info = sampler(runner, x, sigmas, None, None, True, return_info=True, **knobs)
+                x, info = sampler(runner, x, sigmas, cond.for_seeds(batch, device), None, True, return_info=True,
+                                  **knobs)
             nfe = info.nfe
             if writer:
                 arrays = [encode(sample, fmt) for sample in x]

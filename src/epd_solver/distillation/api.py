@@ -17,6 +17,7 @@ import torch
 from ..epd import EPDParams, EPDTables
 from ..schedules import schedule_label
 from .cache import DiskCache, default_cache_dir, model_fingerprint
+from .conditions import ASSIGNMENT_RULE, Conditions, ConditionsError, tensor_digest
 from .config import AUTO, GRID_CANDIDATES, INIT_CANDIDATES, SELECTION_REFERENCE, DistillConfig, make_config
 from .losses import DistillLoss, sample_mse
 from .model_range import grid_range
@@ -40,8 +41,9 @@ EXACT_RTOL = 1e-6  # validation reference: its error (~3e-7 RMSE) is far below a
 
 def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,
             sigma_min: float | None = None, sigma_max: float | None = None, model_id: str | None = None,
-            extra_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
-            device: torch.device | str | None = None, cache_dir: str | os.PathLike | None = None,
+            extra_args: dict[str, Any] | None = None, conditions: dict[str, torch.Tensor] | None = None,
+            dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+            cache_dir: str | os.PathLike | None = None,
             cache: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
             resume: bool = False, init_from: Any = None, feature: Callable[[torch.Tensor], torch.Tensor] | None = None,
             progress: bool | None = None, log: Callable[[str], None] | None = None,
@@ -51,6 +53,10 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
 
     ``model``: a denoiser (or a name for ``epd_solver.resolve.load_model``), or any callable
     ``model(x, sigma, **cond)`` with ``shape`` (per sample) and ``sigma_min`` / ``sigma_max`` given.
+    ``extra_args``: conditioning passed unchanged to every call (broadcast). ``conditions``: per-trajectory
+    conditioning, ``{keyword: tensor}`` whose first dimension enumerates the conditions (keys share the count);
+    trajectory seed s gets row ``s % n`` in training, validation, selection and check sets alike (see
+    ``distillation.conditions``). Classifier-free guidance: pass a ``CFGDenoiser``; its scale is recorded.
     ``solver``: ``epd`` | ``epd_plugin`` | ``amed`` | ``amed_plugin``. ``recipe``: ``default`` |
     ``official`` | ``amed``; ``options`` override single settings (see :class:`DistillConfig`, e.g.
     ``k=3, loss="final", trajectories=512, teacher="heun", teacher_points=7``).
@@ -69,8 +75,9 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
     """
     progress = sys.stderr.isatty() if progress is None else progress
     return DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
-                      model_id=model_id, extra_args=extra_args, dtype=dtype, device=device, cache_dir=cache_dir,
-                      cache=cache, feature=feature, progress=progress, log=log, data_parallel=data_parallel,
+                      model_id=model_id, extra_args=extra_args, conditions=conditions, dtype=dtype, device=device,
+                      cache_dir=cache_dir, cache=cache, feature=feature, progress=progress, log=log,
+                      data_parallel=data_parallel,
                       **options).run(
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
         on_iteration=on_iteration)
@@ -94,8 +101,8 @@ class DistillRun:
     """One distillation (the steps of :func:`distill`, kept apart so benchmarks can reuse its pieces)."""
 
     def __init__(self, model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", shape=None,
-                 sigma_min=None, sigma_max=None, model_id=None, extra_args=None, dtype=None, device=None,
-                 cache_dir=None, cache: bool = True, feature=None, progress: bool = False, log=None,
+                 sigma_min=None, sigma_max=None, model_id=None, extra_args=None, conditions=None, dtype=None,
+                 device=None, cache_dir=None, cache: bool = True, feature=None, progress: bool = False, log=None,
                  data_parallel: bool | None = None, **options):
         if isinstance(model, str):
             from ..resolve import load_model
@@ -105,7 +112,8 @@ class DistillRun:
             raise TypeError(f"model must be callable as model(x, sigma, **cond), got {type(model).__name__}")
         self.model = model
         self.cfg: DistillConfig = make_config(solver, nfe, recipe, **options)
-        self.shape = tuple(int(s) for s in (shape or getattr(model, "shape", None) or ()))
+        self.shape = tuple(int(s) for s in (shape or getattr(model, "shape", None)  # a CFGDenoiser: its inner model's
+                                            or getattr(getattr(model, "inner", None), "shape", None) or ()))
         if not self.shape:
             raise ValueError("the model has no `shape` attribute: pass shape= (the per-sample shape)")
         lo = sigma_min if sigma_min is not None else getattr(model, "sigma_min", None)
@@ -126,6 +134,20 @@ class DistillRun:
         self.dtype = dtype or (torch.float64 if self.exact else torch.float32)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.extra_args = dict(extra_args or {})
+        self.conditions = Conditions(conditions, self.extra_args) if conditions is not None else None
+        base = getattr(model, "inner", model)  # a CFGDenoiser's model
+        key = getattr(base, "condition_key", None)
+        if getattr(base, "num_classes", None) is not None and key and self.conditions is None \
+                and key not in self.extra_args:
+            raise ConditionsError(f"{getattr(base, 'name', 'the model')} is class-conditional: pass "
+                                  f"conditions={{{key!r}: labels}} (one row per trajectory by seed) or "
+                                  f"extra_args={{{key!r}: label}} (one label for all)")
+        from ..denoisers import CFGDenoiser
+
+        # the conditional model itself is guidance 1 (D_u + 1 (D_c - D_u) = D_c)
+        self.guidance_scale = float(model.scale) if isinstance(model, CFGDenoiser) else \
+            (1.0 if self.conditions is not None else None)
+        self.uncond = dict(model.uncond) if isinstance(model, CFGDenoiser) else {}
         self.model_id = model_id or str(getattr(model, "name", getattr(model, "__name__", type(model).__name__)))
         fingerprint = model_fingerprint(model, model_id)
         self.cache = DiskCache((cache_dir or default_cache_dir()) if cache and fingerprint else None)
@@ -175,10 +197,36 @@ class DistillRun:
     def starts(self, seeds: SeedRange) -> torch.Tensor:
         return start_states(self.prior_scale, self.shape, seeds, self.dtype, self.device)
 
+    def rows_for(self, seeds: SeedRange) -> dict[str, torch.Tensor] | None:
+        """The per-trajectory conditioning of these seeds (None without ``conditions``)."""
+        return None if self.conditions is None else self.conditions.for_seeds(seeds, self.device)
+
+    def _cond_key(self) -> dict[str, Any]:
+        """Cache-key entries of the conditioning (empty for an unconditional run, so its keys are unchanged)."""
+        out: dict[str, Any] = {}
+        if self.conditions is not None:
+            out["conditions"] = [self.conditions.digest, ASSIGNMENT_RULE]
+        if self.uncond:
+            out["guidance"] = [self.guidance_scale, _digest(self.uncond)]
+        if self.extra_args:
+            out["extra_args"] = _digest(self.extra_args)
+        return out
+
+    def conditioning_record(self) -> dict[str, Any] | None:
+        """What the parameter file records of the conditioning it was distilled over."""
+        if self.conditions is None and self.guidance_scale is None and not self.extra_args:
+            return None
+        rec = self.conditions.record() if self.conditions is not None else {"keys": [], "conditions": None}
+        rec.update(guidance_scale=self.guidance_scale, uncond_keys=sorted(self.uncond),
+                   uncond_digest=_digest(self.uncond) if self.uncond else None,
+                   broadcast_keys=sorted(self.extra_args),
+                   broadcast_digest=_digest(self.extra_args) if self.extra_args else None)
+        return rec
+
     def _teacher_key(self, spec: TeacherSpec, fine: torch.Tensor) -> dict[str, Any]:
         return {"model": self.fingerprint, "grid": grid_key(fine), "every": spec.points + 1,
                 "teacher": spec.as_dict(), "dtype": str(self.dtype), "shape": list(self.shape),
-                "prior_scale": self.prior_scale, "extra_args": _digest(self.extra_args)}
+                "prior_scale": self.prior_scale, "extra_args": _digest(self.extra_args), **self._cond_key()}
 
     def teacher_states(self, spec: TeacherSpec, seeds: SeedRange, x0: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher states (n, N-1, ...) for ``seeds``, from the cache when it holds them."""
@@ -190,7 +238,8 @@ class DistillRun:
         x0 = self.starts(seeds) if x0 is None else x0
         batch = self._rows_per_batch(256)
         start = time.perf_counter()
-        states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch)
+        states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch,
+                                     rows=self.rows_for(seeds))
         self.teacher_seconds += time.perf_counter() - start
         self.teacher_evaluations += report.evaluations * seeds.count
         self.teacher_nfe = report.para_nfe
@@ -206,11 +255,12 @@ class DistillRun:
 
     def exact_endpoints(self, seeds: SeedRange, x0: torch.Tensor) -> torch.Tensor:
         key = {"model": self.fingerprint, "sigma_max": self.sigma_max.hex(), "sigma_min": self.sigma_min.hex(),
-               "prior_scale": self.prior_scale, "shape": list(self.shape), "rtol": EXACT_RTOL}
+               "prior_scale": self.prior_scale, "shape": list(self.shape), "rtol": EXACT_RTOL, **self._cond_key()}
         hit = self.cache.load("exact", key, seeds)
         if hit is not None:
             return hit["x"]
-        x = exact_reference(self.model, x0, self.sigma_max, self.sigma_min, rtol=EXACT_RTOL)
+        x = exact_reference(self.model, x0, self.sigma_max, self.sigma_min, rtol=EXACT_RTOL,
+                            extra_args=self.extra_args, rows=self.rows_for(seeds))
         self.cache.save("exact", key, seeds, {"x": x})
         return x
 
@@ -219,14 +269,15 @@ class DistillRun:
         (computed once per run, used by the teacher check and by the final comparison)."""
         if self._field is None:
             self._field = run_baselines(self.model, val_x0, self.cfg.nfe, self.sigma_min, self.sigma_max,
-                                        self.extra_args)
+                                        self.extra_args, rows=self.rows_for(self.val_seeds))
         return self._field
 
     def baselines(self, val_x0: torch.Tensor, references: dict[str, tuple[str, torch.Tensor]]):
         """Scored training-free field on the validation noises; cached as JSON by (model, seeds, NFE, references)."""
         key = {"model": self.fingerprint, "seeds": [self.val_seeds.start, self.val_seeds.count], "nfe": self.cfg.nfe,
                "dtype": str(self.dtype), "references": {n: rid for n, (rid, _) in references.items()},
-               "sigma": [self.sigma_min.hex(), self.sigma_max.hex()], "prior_scale": self.prior_scale}
+               "sigma": [self.sigma_min.hex(), self.sigma_max.hex()], "prior_scale": self.prior_scale,
+               **self._cond_key()}
         hit = self.cache.load_json("baselines", key)
         if hit is not None:
             return hit
@@ -249,7 +300,8 @@ class DistillRun:
         sub_seeds = SeedRange(self.val_seeds.start, n)
         key = {"model": self.fingerprint, "grid": grid_key(self.sigmas), "teacher": spec.as_dict(), "auto": auto,
                "tolerance": c.teacher_tolerance, "max_points": c.teacher_max_points, "subset": n, "nfe": c.nfe,
-               "dtype": str(self.dtype), "schedule": [self.schedule, self.schedule_kwargs], "version": 1}
+               "dtype": str(self.dtype), "schedule": [self.schedule, self.schedule_kwargs], "version": 1,
+               **self._cond_key()}
         hit = self.cache.load_json("teacher_choice", key)
         if hit is not None:
             self.teacher_spec = TeacherSpec.make(c.teacher, hit["chosen_points"], c.teacher_subgrid)
@@ -312,7 +364,9 @@ class DistillRun:
                            sigmas=self.sigmas)
         # validation during training (best checkpoint, grid choice): the selection set when there is one
         v_x0, v_end = (val_x0, val_teacher) if select is None else (select[0], select[1][:, None])
-        data = TrainData(x0, teacher, v_x0, v_end, offset=self.shard[0], total=c.trajectories)
+        v_seeds = self.val_seeds if select is None else SeedRange(SELECTION_SEED_BASE, c.selection_noises)
+        data = TrainData(x0, teacher, v_x0, v_end, offset=self.shard[0], total=c.trajectories,
+                         rows=self.rows_for(own), val_rows=self.rows_for(v_seeds))
         resuming = resume and checkpoint is not None and checkpoint.exists()
         tables, restarts = self.initial_tables(student, loss, data, init_from, skip=resuming)
         grid_tag = f":{self.schedule}{json.dumps(self.schedule_kwargs, sort_keys=True)}" if len(self.grids) > 1 else ""
@@ -344,7 +398,7 @@ class DistillRun:
         solver, schedule, kwargs, n = SELECTION_REFERENCE
         key = {"model": self.fingerprint, "reference": [solver, schedule, kwargs, n], "dtype": str(self.dtype),
                "shape": list(self.shape), "prior_scale": self.prior_scale, "sigma_range": [self.sigma_min, self.sigma_max],
-               "extra_args": _digest(self.extra_args)}
+               "extra_args": _digest(self.extra_args), **self._cond_key()}
         with dist_utils.rank0_first() if self.data_parallel else contextlib.nullcontext():
             hit = self.cache.load("selection", key, seeds)
             if hit is not None:
@@ -352,7 +406,7 @@ class DistillRun:
             start = time.perf_counter()
             reference = BaselineConfig(solver, schedule, tuple(sorted(kwargs.items())), n, (), "reference")
             y, _ = reference.run(self.model, x, self.sigma_min, self.sigma_max, self.extra_args,
-                                 batch=self._rows_per_batch(1024))
+                                 batch=self._rows_per_batch(1024), rows=self.rows_for(seeds))
             self.selection_seconds += time.perf_counter() - start
             self.cache.save("selection", key, seeds, {"x": y})
         self.log(f"{what}: {seeds.count} noises, {solver} on {n} {schedule} points "
@@ -388,8 +442,8 @@ class DistillRun:
         with torch.no_grad():
             for run, out in zip(runs, outcomes):
                 run["tables"].load_raw_(out.best_raw)
-                scores.append(rmse(run["student"].sample(self.model, run["tables"], val_x0, self.extra_args),
-                                   reference))
+                scores.append(rmse(run["student"].sample(self.model, run["tables"], val_x0, self.extra_args,
+                                                         rows=self.rows_for(self.val_seeds)), reference))
         return scores
 
     def _select_grid(self, runs: list[dict[str, Any]], outcomes: list[Any], note: str = "",
@@ -495,6 +549,9 @@ class DistillRun:
                        "cache_hits": self.cache.hits, "cache_misses": self.cache.misses},
             "validation": validation,
         }
+        conditioning = self.conditioning_record()
+        if conditioning is not None:
+            meta["conditioning"] = conditioning
         if selection is not None:
             meta["grid_selection"] = selection
         if select is not None:  # training.*val* above are then errors on this set
@@ -547,7 +604,8 @@ class DistillRun:
                 val_teacher: torch.Tensor) -> dict[str, Any]:
         """The validation report: distilled solver vs the best training-free solver at the same Para.NFE."""
         c = self.cfg
-        end = student.sample(self.model, tables, val_x0, self.extra_args)
+        val_rows = self.rows_for(self.val_seeds)
+        end = student.sample(self.model, tables, val_x0, self.extra_args, rows=val_rows)
         t_end = val_teacher[:, -1]
         refs: dict[str, tuple[str, torch.Tensor]] = {"teacher": (f"teacher:{self.teacher_id}", t_end)}
         out: dict[str, Any] = {"noises": val_x0.shape[0], "para_nfe": c.nfe,
@@ -570,10 +628,12 @@ class DistillRun:
                 base_end = next(r["output"] for r in self._field if r["label"] == best["label"])
             else:  # the field came from the cache: run only the best configuration again
                 base_end, _ = BaselineConfig.of_row(best).run(self.model, val_x0, self.sigma_min, self.sigma_max,
-                                                              self.extra_args)
+                                                              self.extra_args, rows=val_rows)
             target = refs[ref][1]
             lo, hi = ratio_interval(sample_mse(end, target), sample_mse(base_end, target))
             out.update(ratio_interval=[lo, hi], conclusive=bool(hi < 1 or lo > 1))
+            if self.conditions is not None:
+                out["per_condition"] = per_condition(end, base_end, target, self.conditions.rows(self.val_seeds))
         if c.selection_noises:  # the verdict moves to the check set: thousands of noises see rare samples
             out["check"] = self.check(student, tables, field)
             out["validation_better"] = out["better"]
@@ -585,11 +645,14 @@ class DistillRun:
         """The distilled solver against the CHECK_BASELINES best configurations of the validation field, all
         rescored on the check set against its reference."""
         x, y = self.check_set()
+        seeds = SeedRange(CHECK_SEED_BASE, x.shape[0])
+        cond = self.rows_for(seeds)
         with torch.no_grad():
-            end = student.sample(self.model, tables, x, self.extra_args)
+            end = student.sample(self.model, tables, x, self.extra_args, rows=cond)
         rows = []
         for row in field[:CHECK_BASELINES]:
-            base, _ = BaselineConfig.of_row(row).run(self.model, x, self.sigma_min, self.sigma_max, self.extra_args)
+            base, _ = BaselineConfig.of_row(row).run(self.model, x, self.sigma_min, self.sigma_max, self.extra_args,
+                                                     rows=cond)
             rows.append((rmse(base, y), row, base))
         base_rmse, best, base_end = min(rows, key=lambda r: r[0])
         student_rmse = rmse(end, y)
@@ -602,6 +665,8 @@ class DistillRun:
         if base_rmse > 0:
             lo, hi = ratio_interval(sample_mse(end, y), sample_mse(base_end, y))
             out.update(ratio_interval=[lo, hi], conclusive=bool(hi < 1 or lo > 1))
+            if self.conditions is not None:
+                out["per_condition"] = per_condition(end, base_end, y, self.conditions.rows(seeds))
         return out
 
     @property
@@ -628,7 +693,7 @@ def report_line(v: dict[str, Any]) -> str:
     line = (f"validation ({v['noises']} held-out noises, RMSE to the {v['reference']} end point): distilled "
             f"{v['student_rmse']:.4g} at Para.NFE {v['para_nfe']} ({v['evaluations']} evaluations) vs best "
             f"training-free {b['label']} {v['baseline_rmse']:.4g} ({b['evaluations']:g} evaluations): {verdict}, "
-            f"ratio {v['ratio']:.3f}" + _interval_note(v, "--val-trajectories"))
+            f"ratio {v['ratio']:.3f}" + _interval_note(v, "--val-trajectories") + _condition_note(v))
     if "check" not in v:
         return line
     k = v["check"]
@@ -636,7 +701,27 @@ def report_line(v: dict[str, Any]) -> str:
     return (line + f"\ncheck ({k['noises']} fresh noises against {k['reference'][0]} at {k['reference'][3] - 1} "
             f"evaluations; the best {len(k['baselines_rescored'])} of that field rescored): distilled "
             f"{k['student_rmse']:.4g} vs {k['best_baseline']['label']} {k['baseline_rmse']:.4g}: {verdict}, ratio "
-            f"{k['ratio']:.3f}" + _interval_note(k, "--select-noises") + " (the verdict)")
+            f"{k['ratio']:.3f}" + _interval_note(k, "--select-noises") + _condition_note(k) + " (the verdict)")
+
+
+def per_condition(end: torch.Tensor, base: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> dict[str, Any]:
+    """RMSE ratio (distilled / baseline) on the trajectories of each condition row, and the worst one."""
+    ratios: dict[str, float] = {}
+    for c in torch.unique(rows).tolist():
+        m = rows == c
+        b = rmse(base[m], target[m])
+        ratios[str(c)] = rmse(end[m], target[m]) / b if b > 0 else math.inf
+    worst = max(ratios, key=lambda c: ratios[c])
+    return {"ratios": ratios, "worst_condition": int(worst), "worst_ratio": ratios[worst],
+            "counts": {str(c): int((rows == c).sum()) for c in torch.unique(rows).tolist()}}
+
+
+def _condition_note(v: dict[str, Any]) -> str:
+    p = v.get("per_condition")
+    if not p:
+        return ""
+    return (f"; worst of {len(p['ratios'])} conditions: row {p['worst_condition']} ratio {p['worst_ratio']:.3f} "
+            f"({p['counts'][str(p['worst_condition'])]} noises)")
 
 
 def _interval_note(v: dict[str, Any], option: str) -> str:
@@ -679,18 +764,7 @@ def warm_start(tables: EPDTables, source: Any) -> None:
 
 def _digest(extra_args: dict[str, Any]) -> str:
     """A hash of the conditioning (tensors by value), for cache keys."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(extra_args):
-        v = extra_args[k]
-        h.update(k.encode())
-        if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(v).encode())
-    return h.hexdigest()[:16]
+    return tensor_digest(extra_args)
 
 
 def _json_safe(v: Any) -> Any:

@@ -15,6 +15,7 @@ import torch
 
 from ..epd import EPDTables, amed_plugin_rollout
 from ..epd import rollout as epd_rollout
+from .conditions import merge_rows
 
 __all__ = ["SOLVERS", "ROLLOUTS", "BPTT_MODES", "Student", "branches_for"]
 
@@ -85,11 +86,14 @@ class Student:
 
     @torch.no_grad()
     def sample(self, model: Callable[..., torch.Tensor], tables: EPDTables, x0: torch.Tensor,
-               extra_args: dict[str, Any] | None = None, batch: int = 1024) -> torch.Tensor:
-        """The free-running end point x_{N-1} (what sampling with these tables produces)."""
+               extra_args: dict[str, Any] | None = None, batch: int = 1024,
+               rows: dict[str, Any] | None = None) -> torch.Tensor:
+        """The free-running end point x_{N-1} (what sampling with these tables produces); ``rows``: per-trajectory
+        conditioning, sliced with the chunks."""
         natural = [v.to(x0.dtype) for v in tables.natural()]
         sigmas = self.grid_of(tables).to(x0.dtype)
         out = [self._run(model, x0[i:i + batch], sigmas, *natural, afs=self.afs,
-                         plugin_order=self.plugin_order, extra_args=extra_args, strategy=self.strategy)
+                         plugin_order=self.plugin_order, extra_args=merge_rows(extra_args, rows, slice(i, i + batch)),
+                         strategy=self.strategy)
                for i in range(0, x0.shape[0], batch)]
         return torch.cat(out)

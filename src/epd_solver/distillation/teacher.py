@@ -17,6 +17,7 @@ import torch
 
 from ..sampling import NFEReport, check_sigmas, get_sampler, sampler_spec
 from ..schedules import get_sigmas
+from .conditions import merge_rows
 
 __all__ = ["TeacherSpec", "SUBGRIDS", "teacher_grid", "run_teacher", "refined_spec", "convergence", "grid_key"]
 
@@ -92,8 +93,11 @@ def teacher_grid(student_sigmas: torch.Tensor, spec: TeacherSpec, schedule: str 
 
 def run_teacher(model: Callable[..., torch.Tensor], x0: torch.Tensor, fine_sigmas: torch.Tensor, spec: TeacherSpec,
                 extra_args: dict[str, Any] | None = None, batch: int = 256,
-                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, NFEReport]:
+                progress: Callable[[int], None] | None = None,
+                rows: dict[str, Any] | None = None) -> tuple[torch.Tensor, NFEReport]:
     """Teacher states on the student grid, shape (B, N-1, ...), and the teacher's NFE per trajectory.
+
+    ``rows``: per-trajectory conditioning (row j belongs to ``x0[j]``), sliced with the chunks.
 
     Runs under ``torch.no_grad`` in chunks of ``batch`` trajectories; ``progress(n)`` is called after each.
     """
@@ -115,8 +119,8 @@ def run_teacher(model: Callable[..., torch.Tensor], x0: torch.Tensor, fine_sigma
                 if i > 0 and i % every == 0:
                     kept.append(info["x"].detach().clone())
 
-            final, info = sampler(model, xb, fine_sigmas.to(xb.dtype), extra_args, keep, True, return_info=True,
-                                  **knobs)
+            args = merge_rows(extra_args, rows, slice(start, start + batch))
+            final, info = sampler(model, xb, fine_sigmas.to(xb.dtype), args, keep, True, return_info=True, **knobs)
             kept.append(final)
             out.append(torch.stack(kept, 1))
             report = info.nfe

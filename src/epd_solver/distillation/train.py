@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_utils
 from ..epd import EPDTables
 from ..files import write_atomic
+from .conditions import merge_rows
 from .config import DistillConfig
 from .losses import DistillLoss
 from .optim import Adam, lbfgs
@@ -58,6 +59,8 @@ class TrainData:
     val_teacher: torch.Tensor
     offset: int = 0              # global index of x0[0] (data-parallel shard)
     total: int | None = None     # global number of training trajectories (None: all are here)
+    rows: dict[str, Any] | None = None      # per-trajectory conditioning of x0 (row j belongs to x0[j])
+    val_rows: dict[str, Any] | None = None  # and of val_x0
 
 
 @dataclasses.dataclass
@@ -115,7 +118,7 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------------------------
     def validate(self) -> float:
-        end = self.student.sample(self.model, self.tables, self.data.val_x0, self.extra_args)
+        end = self.student.sample(self.model, self.tables, self.data.val_x0, self.extra_args, rows=self.data.val_rows)
         return rmse(end, self.data.val_teacher[:, -1])
 
     def _record_validation(self) -> float:
@@ -132,7 +135,8 @@ class Trainer:
 
     def _batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         x0, teacher = self.data.x0[idx], self.data.teacher[idx]
-        states = self.student.states(self.model, self.tables, x0, teacher, self.extra_args)
+        states = self.student.states(self.model, self.tables, x0, teacher,
+                                     merge_rows(self.extra_args, self.data.rows, idx))
         return self.loss(states, teacher)
 
     def _share_backward(self, idx: torch.Tensor, denominator: int) -> float:

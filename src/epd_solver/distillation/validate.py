@@ -15,6 +15,7 @@ import torch
 
 from ..sampling import get_sampler, grid_points_for_nfe, list_samplers, sampler_spec
 from ..schedules import get_sigmas
+from .conditions import merge_rows
 
 __all__ = ["SWEEP_SCHEDULES", "BaselineConfig", "baseline_configs", "run_baselines", "score_baselines", "rmse", "rmse_per_sample",
            "ratio_interval", "is_exact_problem", "exact_reference"]
@@ -83,15 +84,15 @@ class BaselineConfig:
                    _items(row["knobs"]), row["setting"])
 
     def run(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, sigma_min: float, sigma_max: float,
-            extra_args: dict[str, Any] | None = None, batch: int = 512):
-        """End points from ``x0`` (no grad) and the sampler's last info."""
+            extra_args: dict[str, Any] | None = None, batch: int = 512, rows: dict[str, Any] | None = None):
+        """End points from ``x0`` (no grad) and the sampler's last info (``rows``: per-trajectory conditioning)."""
         sampler = get_sampler(self.solver)
         sig = self.sigmas(sigma_min, sigma_max).to(device=x0.device, dtype=x0.dtype)
         outs, info = [], None
         with torch.no_grad():
             for i in range(0, x0.shape[0], batch):
-                o, info = sampler(model, x0[i:i + batch], sig, extra_args, None, True, return_info=True,
-                                  **dict(self.knobs))
+                o, info = sampler(model, x0[i:i + batch], sig, merge_rows(extra_args, rows, slice(i, i + batch)),
+                                  None, True, return_info=True, **dict(self.knobs))
                 outs.append(o)
         return torch.cat(outs), info
 
@@ -130,17 +131,17 @@ def baseline_configs(nfe: int, solvers: list[str] | None = None, sweep: bool = T
 
 def run_baselines(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int, sigma_min: float, sigma_max: float,
                   extra_args: dict[str, Any] | None = None, solvers: list[str] | None = None,
-                  batch: int = 512) -> list[dict[str, Any]]:
+                  batch: int = 512, rows: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every training-free configuration at Para.NFE ``nfe`` run from ``x0``: its description, NFE report
     and end points (``"output"``)."""
-    rows = []
+    out = []
     for cfg in baseline_configs(nfe, solvers):
-        output, info = cfg.run(model, x0, sigma_min, sigma_max, extra_args, batch)
-        rows.append({"solver": cfg.solver, "label": cfg.label(), "setting": cfg.setting, "schedule": cfg.schedule,
+        output, info = cfg.run(model, x0, sigma_min, sigma_max, extra_args, batch, rows)
+        out.append({"solver": cfg.solver, "label": cfg.label(), "setting": cfg.setting, "schedule": cfg.schedule,
                      "schedule_kwargs": dict(cfg.schedule_kwargs), "n_points": cfg.n_points, "afs": cfg.afs,
                      "knobs": dict(cfg.knobs), "para_nfe": info.nfe.para_nfe, "evaluations": info.nfe.evaluations,
                      "output": output})
-    return rows
+    return out
 
 
 def score_baselines(rows: list[dict[str, Any]], references: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -157,16 +158,21 @@ def score_baselines(rows: list[dict[str, Any]], references: Mapping[str, torch.T
 
 
 def is_exact_problem(model: Any) -> bool:
-    """Models whose ODE end point can be computed to tolerance (closed-form Gaussian-mixture denoisers)."""
+    """Models whose ODE end point can be computed to tolerance (closed-form Gaussian-mixture denoisers, also
+    under classifier-free guidance: a fixed combination of two closed forms)."""
+    from ..denoisers import CFGDenoiser
     from ..problems import GaussianMixture
 
+    if isinstance(model, CFGDenoiser):
+        model = model.inner
     return isinstance(model, GaussianMixture)
 
 
 def exact_reference(model: Callable[..., torch.Tensor], x0: torch.Tensor, sigma_max: float, sigma_min: float,
-                    rtol: float = 1e-8, chunk: int = 128) -> torch.Tensor:
+                    rtol: float = 1e-8, chunk: int = 128, extra_args: dict[str, Any] | None = None,
+                    rows: dict[str, Any] | None = None) -> torch.Tensor:
     """The probability-flow ODE end point at sigma_min (scipy DOP853; float64)."""
     from ..problems import exact_endpoint
 
-    return exact_endpoint(model, x0.to(torch.float64), float(sigma_max), float(sigma_min), rtol=rtol, atol=rtol,
-                          chunk=chunk)
+    return exact_endpoint(model, x0.to(torch.float64), float(sigma_max), float(sigma_min), extra_args, rtol=rtol,
+                          atol=rtol, chunk=chunk, rows=rows)

@@ -9,12 +9,15 @@ import numpy as np
 import torch
 
 from .exact import exact_endpoint
+from .conditional import ConditionalGaussianMixture, ConditioningError
 from .gmm import GaussianMixture
 
-__all__ = ["GaussianMixture", "exact_endpoint", "digits_data", "digits_mixture", "fit_digits_mixture",
+__all__ = ["GaussianMixture", "ConditionalGaussianMixture", "ConditioningError", "digits_cond_mixture",
+           "fit_digits_cond_mixture", "exact_endpoint", "digits_data", "digits_mixture", "fit_digits_mixture",
            "synthetic_mixture", "get_problem", "PROBLEMS"]
 
 DIGITS_GMM_FILE = "digits_gmm.npz"
+DIGITS_COND_GMM_FILE = "digits_cond_gmm.npz"
 
 
 def digits_data() -> torch.Tensor:
@@ -49,6 +52,36 @@ def digits_mixture() -> GaussianMixture:
                                             fit["covariances"], name="gmm:digits")
 
 
+def fit_digits_cond_mixture(per_class: int = 2, reg_covar: float = 1e-3, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fit ``per_class`` full-covariance components to each digit class; weights are p(class) x the class's
+    own weights (deterministic for a given scikit-learn build)."""
+    from sklearn.mixture import GaussianMixture as SkGMM
+
+    x, y = digits_data().numpy(), digits_labels().numpy()
+    weights, means, covs, labels = [], [], [], []
+    for c in range(10):
+        xc = x[y == c]
+        gm = SkGMM(per_class, covariance_type="full", reg_covar=reg_covar, random_state=seed, max_iter=500)
+        gm.fit(xc)
+        weights.append(gm.weights_ * len(xc) / len(x))
+        means.append(gm.means_)
+        covs.append(gm.covariances_)
+        labels.append(np.full(per_class, c))
+    return {"weights": np.concatenate(weights), "means": np.concatenate(means), "covariances": np.concatenate(covs),
+            "labels": np.concatenate(labels)}
+
+
+@functools.lru_cache(maxsize=None)
+def digits_cond_mixture() -> ConditionalGaussianMixture:
+    """The class-conditional mixture of the digits (2 components per class), shipped with the package (refit:
+    fit_digits_cond_mixture); ``class_labels`` 0-9, null label 10."""
+    with resources.files("epd_solver.data").joinpath(DIGITS_COND_GMM_FILE).open("rb") as f:
+        z = np.load(f)
+        fit = {k: z[k] for k in ("weights", "means", "covariances", "labels")}
+    return ConditionalGaussianMixture.from_covariances(fit["weights"] / fit["weights"].sum(), fit["means"],
+                                                       fit["covariances"], fit["labels"], name="gmm:digits-cond")
+
+
 @functools.lru_cache(maxsize=None)
 def synthetic_mixture(dim: int = 3072, components: int = 8, rank: int = 16, clusters: int = 2,
                       iso: float = 1e-3, seed: int = 0) -> GaussianMixture:
@@ -72,6 +105,7 @@ def synthetic_mixture(dim: int = 3072, components: int = 8, rank: int = 16, clus
 
 PROBLEMS = {
     "gmm:digits": digits_mixture,
+    "gmm:digits-cond": digits_cond_mixture,
     "gmm:synthetic": synthetic_mixture,
 }
 

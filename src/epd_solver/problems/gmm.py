@@ -115,10 +115,17 @@ class GaussianMixture(Denoiser):
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         if cond:
             raise TypeError(f"a Gaussian mixture takes no conditioning, got {sorted(cond)}")
+        return self.posterior_mean(x, sigma)
+
+    def posterior_mean(self, x: torch.Tensor, sigma: torch.Tensor, log_offset: torch.Tensor | None = None):
+        """E[x0 | x] under the mixture whose log-weights are shifted by ``log_offset`` (B, K) per sample (e.g.
+        -inf outside a class: the mixture of that class's components alone)."""
         if x[0].numel() != self.dim:
             raise ValueError(f"mixture of dimension {self.dim} got samples of shape {tuple(x.shape[1:])}")
         q_all, _, _, _, left = self._stacked()
         xf, proj, lam, logp, s2 = self._terms(x, sigma)
+        if log_offset is not None:
+            logp = logp + log_offset
         resp = torch.softmax(logp, dim=1)                                      # (B,K)
         shrink = self.eigvals[None] / lam                                      # lam_k / (lam_k + s^2)
         # E[x0 | x, k] = mu_k + Q_k (shrink - rho) Q_k^T (x - mu_k) + rho (x - mu_k), rho = iso/(iso + s^2)
