@@ -280,3 +280,18 @@ def test_a_plugin_file_without_its_order_is_refused(tmp_path):
     meta = fuzz.epd_header(blob)
     meta["plugin_order"] = None  # would load as the default order 3, not the 2 it was trained with
     refused(tmp_path, fuzz.with_meta(meta, blob), "needs plugin_order in the metadata")
+
+
+def test_model_id_check_leaves_the_guidance_scale_to_its_own_check():
+    from epd_solver.denoisers import CFGDenoiser
+    from epd_solver.epd.sampler import check_model_fit
+    from epd_solver.problems import get_problem
+
+    model = get_problem("gmm:digits-cond")
+    params = EPDParams.load(SHIPPED)
+    params.meta["model_id"] = f"{model.name}+cfg2"
+    uncond = {"class_labels": torch.tensor([model.null_label])}
+    check_model_fit(params, CFGDenoiser(model, 3.0, uncond))  # same model, another scale: passes
+    params.meta["model_id"] = "another-model+cfg3"
+    with pytest.raises(ParamsMismatchError, match="distilled for model 'another-model\\+cfg3'"):
+        check_model_fit(params, CFGDenoiser(model, 3.0, uncond))

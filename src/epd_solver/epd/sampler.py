@@ -12,6 +12,7 @@ AMED's small feature network (the same table for every sample); "amed_plugin" is
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable
 
 import torch
@@ -32,6 +33,12 @@ def model_id_of(model: Any) -> str:
     return str(getattr(model, "name", getattr(model, "__name__", type(model).__name__)))
 
 
+def _base_id(model_id: Any) -> str:
+    """A model id without the ``+cfgW`` of a CFGDenoiser (``epd sample`` checks the guidance scale itself,
+    with its own flag)."""
+    return re.sub(r"\+cfg[-+0-9.e]+$", "", str(model_id))
+
+
 def _innermost(model: Any) -> Any:
     while hasattr(model, "inner"):  # CFGDenoiser and other wrappers
         model = model.inner
@@ -47,7 +54,7 @@ def check_model_fit(params: EPDParams, model: Any, allow_other_model: bool = Fal
     if allow_other_model:
         return
     have, want = params.meta.get("model_id"), model_id_of(model)
-    if have is not None and have != want:
+    if have is not None and _base_id(have) != _base_id(want):  # the guidance scale is checked on its own
         raise ParamsMismatchError(f"the parameters were distilled for model {have!r}, not {want!r}: distil them "
                                   f"for this model, or pass allow_other_model=True (--allow-other-model) to use "
                                   f"them anyway")
