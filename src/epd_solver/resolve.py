@@ -1,7 +1,7 @@
 """Turn a model name from the command line into a denoiser.
 
-Names: ``digits`` (the bundled trained U-Net, the default), ``gmm:digits`` / ``gmm:synthetic`` (exact
-Gaussian-mixture problems), ``diffusers:PATH`` (a local diffusers folder) and ``module:function`` (a Python
+Names: ``digits`` (the bundled trained U-Net, the default), ``digits-cond`` (its class-conditional sibling),
+``gmm:digits`` / ``gmm:digits-cond`` / ``gmm:synthetic`` (exact Gaussian-mixture problems), ``diffusers:PATH`` (a local diffusers folder) and ``module:function`` (a Python
 callable returning a denoiser, e.g. ``mypkg.models:load``).
 """
 
@@ -65,8 +65,8 @@ def load_model(name: str = DEFAULT_MODEL) -> Any:
                 f"sigma range; return epd_solver.as_denoiser(net, sigma_min=0.002, sigma_max=80.0, shape=(C, H, W)) "
                 f"(your model's values) from {name.split(':', 1)[1]}()")
         return model
-    raise ValueError(f"unknown model {name!r}: use 'digits', 'gmm:digits', 'gmm:synthetic', 'diffusers:PATH' "
-                     "or 'module:function'")
+    raise ValueError(f"unknown model {name!r}: use 'digits', 'digits-cond', 'gmm:digits', 'gmm:digits-cond', "
+                     "'gmm:synthetic', 'diffusers:PATH' or 'module:function'")
 
 
 def sample_shape(model: Any, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:

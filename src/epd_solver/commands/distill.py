@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
                     "best table by held-out validation and compare it with the best training-free solver at the "
                     "same Para.NFE. Exit status 3 when it is not better (use --allow-worse to write it anyway). "
                     "Options left out take the recipe's value.")
-    p.add_argument("--model", default="digits", help="digits (default) | gmm:digits | gmm:synthetic | "
-                   "module:function | diffusers:PATH")
+    p.add_argument("--model", default="digits", help="digits (default) | digits-cond | gmm:digits | "
+                   "gmm:digits-cond | gmm:synthetic | module:function | diffusers:PATH")
     p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed or amed_plugin")
     p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],

@@ -43,8 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Generate one sample per seed into OUT (OUT/000123.png for image models, .npy otherwise). "
                     "Seeds already in OUT are skipped; nothing is overwritten. Under torchrun the seeds are "
                     "split across ranks, or with --branch-parallel each call's rows (EPD's K branches) are.")
-    p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
-                   "module:function (default: digits)")
+    p.add_argument("--model", default="digits", help="digits | digits-cond | gmm:digits | gmm:digits-cond | "
+                   "gmm:synthetic | diffusers:PATH | module:function (default: digits)")
     p.add_argument("--solver", required=True, help="a solver or alias: euler (ddim), heun (edm), dpm_2, dpmpp_2m, "
                    "dpmpp_3m, unipc, ipndm, paradigms, epd, epd_plugin, amed, amed_plugin (`epd solvers` lists them)")
     p.add_argument("--params", help="parameter file of a learned solver (epd, epd_plugin, amed, amed_plugin)")
