@@ -1,8 +1,9 @@
 """Turn a model name from the command line into a denoiser.
 
 Names: ``digits`` (the bundled trained U-Net, the default), ``digits-cond`` (its class-conditional sibling),
-``gmm:digits`` / ``gmm:digits-cond`` / ``gmm:synthetic`` (exact Gaussian-mixture problems), ``diffusers:PATH`` (a local diffusers folder) and ``module:function`` (a Python
-callable returning a denoiser, e.g. ``mypkg.models:load``).
+``gmm:digits`` / ``gmm:digits-cond`` / ``gmm:synthetic`` (exact Gaussian-mixture problems), ``diffusers:PATH``
+(a local diffusers folder) and ``module:function`` (a Python callable returning a denoiser, e.g.
+``mypkg.models:load``).
 """
 
 from __future__ import annotations
