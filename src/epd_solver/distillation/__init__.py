@@ -1,9 +1,13 @@
-"""Distillation of EPD-Solver, EPD-Plugin, AMED-Solver and AMED-Plugin tables (EPD.md §9).
+"""Distillation of EPD-Solver, EPD-Plugin, AMED-Solver and AMED-Plugin tables.
 
-``distill(model, solver="epd", nfe=5, recipe="default", **options) -> EPDParams`` (also ``epd_solver.distill``). The pieces: teacher
-trajectories on a refined grid with an on-disk cache (``teacher``, ``cache``), the differentiable student
-(``student``), losses (``losses``), the training loop with validation and checkpoints (``train``), the
-comparison with the best training-free solver (``validate``) and the named recipes (``config``).
+``distill(model, solver="epd", nfe=5, recipe="default", **options) -> EPDParams`` (also ``epd_solver.distill``). The
+orchestration, one question per module: ``datasets`` (which data sets and references: seeds, start states,
+conditions, the teacher and its refinement, the selection and check sets), ``candidates`` (which (grid, init)
+candidates, their starting tables and how one is chosen), ``api`` (how one run goes: each candidate trained, the
+winner's parameter file and record), ``verdict`` (the comparison with the best training-free solver and its report
+line). The pieces they use: teacher trajectories on a refined grid with an on-disk cache (``teacher``, ``cache``),
+the differentiable student (``student``), losses (``losses``), the training loop with validation and checkpoints
+(``train``), the training-free field (``validate``) and the named recipes (``config``).
 """
 
 from .api import DistillRun, distill, report_line, warm_start
