@@ -232,40 +232,10 @@ class DistillRun(DataSets, Candidates, Verdict):
         lo, hi = self.shard
         own = SeedRange(self.train_seeds.start + lo, hi - lo)
         x0 = self.starts(own)
-        paths = checkpoint_paths(checkpoint, len(self.grids))
         select = self.selection_set() if c.selection_noises else None
-        runs, outcomes = [], []
-        halving = select is not None and len(self.grids) > 1 and c.select_after < c.lbfgs_rounds
-        until = c.select_after * c.lbfgs_iterations if halving else None
-        for grid, path in zip(self.grids, paths):  # each candidate trains in full (or its first rounds), in turn
-            run = self._prepare(grid, val_x0, x0, own, init_from, resume, path, checkpoint_every, on_iteration,
-                                select)
-            runs.append(run)
-            trainer = run["trainer"] if until is not None else run.pop("trainer")  # data kept only to go on
-            outcomes.append(trainer.run(resume=resume, until=until))
-        selection = None
-        if until is not None:  # the grid of the best candidate so far: its inits finish, then the best wins
-            rounds = f"after {c.select_after} round{'s' * (c.select_after > 1)}"
-            best, early = self._select_grid(runs, outcomes, note=rounds, until=until)
-            same = [j for j, r in enumerate(runs) if r["grid"][:2] == runs[best]["grid"][:2]]  # (schedule, kwargs)
-            for j in same:
-                outcomes[j] = runs[j]["trainer"].run()
-            for r in runs:
-                r.pop("trainer")
-            if len(same) > 1:
-                pick, final = self._select_grid([runs[j] for j in same], [outcomes[j] for j in same],
-                                                note="in full")
-                best = same[pick]
-            else:
-                final = None
-            selection = {"candidates": early["candidates"], "after_rounds": c.select_after,
-                         "scored": f"selection set after {c.select_after} of {c.lbfgs_rounds} rounds; the "
-                                   "candidates on the best grid then trained in full and scored again",
-                         "finished": final["candidates"] if final else None}
-        elif len(runs) > 1:  # no selection set: the validation noises, against one reference for all grids
-            best, selection = self._select_grid(runs, outcomes, common=self._common_scores(runs, outcomes, val_x0))
-        else:
-            best = 0
+        runs, outcomes, best, selection = self.contest(
+            lambda grid, path: self._prepare(grid, val_x0, x0, own, init_from, resume, path, checkpoint_every,
+                                             on_iteration, select), val_x0, select, checkpoint, resume)
         run, outcome = runs[best], outcomes[best]
         spec, conv, student, loss, tables = run["spec"], run["conv"], run["student"], run["loss"], run["tables"]
         restarts, val_teacher = run["restarts"], run["val_teacher"]

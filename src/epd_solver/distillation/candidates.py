@@ -8,7 +8,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -75,6 +75,49 @@ class Candidates:
                      f"{out.best_val:.4g} after one round")
         best = min(tried, key=lambda t: (t[0], t[1]))
         return best[2], [{"start": j, "val_rmse": v} for v, j, _ in tried]
+
+    def contest(self, prepare: Callable[[tuple[str, dict[str, Any], str], Path | None], dict[str, Any]],
+                val_x0: torch.Tensor, select: tuple[torch.Tensor, torch.Tensor] | None, checkpoint: Any,
+                resume: bool) -> tuple[list[dict[str, Any]], list[Any], int, dict[str, Any] | None]:
+        """Every candidate trained in turn (``prepare(grid, checkpoint_path)`` makes its run: teacher, student,
+        tables, trainer) and the winner chosen: beside a selection set with several grids, every candidate trains
+        ``select_after`` rounds, the best grid's inits finish and the best of them wins; else all train in full
+        and the lowest validation error (against one reference shared by the grids) wins. Returns the runs, their
+        outcomes, the winner's index and the record of the choice (None for a single candidate)."""
+        c = self.cfg
+        paths = checkpoint_paths(checkpoint, len(self.grids))
+        runs, outcomes = [], []
+        halving = select is not None and len(self.grids) > 1 and c.select_after < c.lbfgs_rounds
+        until = c.select_after * c.lbfgs_iterations if halving else None
+        for grid, path in zip(self.grids, paths):  # each candidate trains in full (or its first rounds), in turn
+            run = prepare(grid, path)
+            runs.append(run)
+            trainer = run["trainer"] if until is not None else run.pop("trainer")  # data kept only to go on
+            outcomes.append(trainer.run(resume=resume, until=until))
+        selection = None
+        if until is not None:  # the grid of the best candidate so far: its inits finish, then the best wins
+            rounds = f"after {c.select_after} round{'s' * (c.select_after > 1)}"
+            best, early = self._select_grid(runs, outcomes, note=rounds, until=until)
+            same = [j for j, r in enumerate(runs) if r["grid"][:2] == runs[best]["grid"][:2]]  # (schedule, kwargs)
+            for j in same:
+                outcomes[j] = runs[j]["trainer"].run()
+            for r in runs:
+                r.pop("trainer")
+            if len(same) > 1:
+                pick, final = self._select_grid([runs[j] for j in same], [outcomes[j] for j in same],
+                                                note="in full")
+                best = same[pick]
+            else:
+                final = None
+            selection = {"candidates": early["candidates"], "after_rounds": c.select_after,
+                         "scored": f"selection set after {c.select_after} of {c.lbfgs_rounds} rounds; the "
+                                   "candidates on the best grid then trained in full and scored again",
+                         "finished": final["candidates"] if final else None}
+        elif len(runs) > 1:  # no selection set: the validation noises, against one reference for all grids
+            best, selection = self._select_grid(runs, outcomes, common=self._common_scores(runs, outcomes, val_x0))
+        else:
+            best = 0
+        return runs, outcomes, best, selection
 
     def _grid_note(self) -> str:
         if len(self.grids) == 1:
