@@ -28,7 +28,7 @@ def noise(n, seed, d=64):
 
 
 def epd_file(folder, nfe, k=2):
-    steps = (nfe + 1) // 2  # Para.NFE = 2 steps - 1 with AFS (EPD.md §8)
+    steps = (nfe + 1) // 2  # Para.NFE = 2 steps - 1 with AFS
     r = torch.linspace(0.2, 0.7, k).expand(steps, k)
     params = EPDParams.from_values(r, torch.full((steps, k), 1.0 / k), sigmas=time_uniform(steps + 1, 0.002, 80.0),
                                    afs=True, model_id="gmm:digits")
@@ -59,7 +59,7 @@ def test_bench_writes_table_files(bench):
     assert sorted((r["solver"], int(r["nfe"])) for r in rows) == sorted(
         (s, n) for s in ("euler", "ipndm", "paradigms", "epd") for n in (3, 5))
     by = {(r["solver"], int(r["nfe"])): r for r in rows}
-    # EPD.md §8: K = 2 with AFS spends 5 / 8 evaluations per sample at Para.NFE 3 / 5.
+    # the paper: K = 2 with AFS spends 5 / 8 evaluations per sample at Para.NFE 3 / 5.
     assert [float(by[("epd", n)]["evaluations"]) for n in (3, 5)] == [5.0, 8.0]
     assert [int(by[("epd", n)]["para_nfe"]) for n in (3, 5)] == [3, 5]
     assert by[("epd", 5)]["params_source"].startswith("file ")
@@ -77,7 +77,7 @@ def test_bench_rmse_equals_independent_computation(bench):
     gm = digits_mixture()
     x0 = noise(SAMPLES, SEED)
     exact = exact_endpoint(gm, x0, 80.0, 0.002).numpy()
-    # iPNDM row at NFE 5: polynomial rho = 7, 6 points, no AFS (BASELINES.md §2).
+    # iPNDM row at NFE 5: polynomial rho = 7, 6 points, no AFS.
     out = get_sampler("ipndm")(gm, x0, polynomial(6, 0.002, 80.0, 7.0), max_order=4).numpy()
     expected = np.sqrt(np.mean((out - exact) ** 2))
     row = next(r for r in result["rows"] if r["solver"] == "ipndm" and r["nfe"] == 5)

@@ -26,7 +26,7 @@ def test_measure_latency_counts_and_table():
     calls = {r["k"]: r for r in records if r["kind"] == "call"}
     assert {k: r["rows"] for k, r in calls.items()} == {1: 2, 2: 4}
     runs = {(r["solver"], r["k"]): r for r in records if r["kind"] == "sample"}
-    # EPD.md §8 at Para.NFE 5 with AFS: K = 1 -> 5, K = 2 -> 8 evaluations per sample; iPNDM 5 calls.
+    # the paper at Para.NFE 5 with AFS: K = 1 -> 5, K = 2 -> 8 evaluations per sample; iPNDM 5 calls.
     assert {key: (r["para_nfe"], r["evaluations"]) for key, r in runs.items()} == {
         ("ipndm", 1): (5, 5.0), ("epd", 1): (5, 5.0), ("epd", 2): (5, 8.0)}
     text = latency_markdown(records)

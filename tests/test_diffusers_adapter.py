@@ -226,7 +226,7 @@ def test_baseline_through_adapter_matches_diffusers_scheduler(solver, scheduler,
 
 # -- errors, defaults, loading -------------------------------------------------------------------------------
 def test_default_sigmas_follow_the_spec():
-    """VP: discrete rho = 1 (indices 999, 666, 333, 0 for SD, EPD.md §7); flow: the FlowMatch scheduler's grid."""
+    """VP: discrete rho = 1 (indices 999, 666, 333, 0 for SD); flow: the FlowMatch scheduler's grid."""
     sd = diffusers_denoiser(tiny_unet2d(), DDPMScheduler(**SD_BETAS))
     torch.testing.assert_close(default_sigmas(sd, 3), torch.tensor([14.61, 2.918, 0.932, 0.0292], dtype=torch.float64),
                                rtol=2e-3, atol=0)

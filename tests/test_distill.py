@@ -103,7 +103,7 @@ def test_losses_are_per_sample_means():
 
 # -- student --------------------------------------------------------------------------------------------
 def _midpoint_step(model, x, t, u):
-    """DPM-Solver-2 / EPD K = 1, r = 1/2, c = a = 1, written out by hand (EPD.md §4)."""
+    """DPM-Solver-2 / EPD K = 1, r = 1/2, c = a = 1, written out by hand."""
     sig = lambda v: torch.full((x.shape[0],), v, dtype=x.dtype)  # noqa: E731
     d = (x - model(x, sig(t))) / t
     m = math.sqrt(t * u)

@@ -1,4 +1,4 @@
-"""Parameterisations of the EPD tables (EPD.md §3) and the released worked example (EPD.md §12)."""
+"""Parameterisations of the EPD tables and the released worked example."""
 
 import math
 
@@ -139,7 +139,7 @@ def test_not_invertible_values_are_named():
                                sigmas=time_uniform(3))
 
 
-# EPD.md §12: released CIFAR-10 table, Para.NFE 5 (values rounded to 3 decimals in the spec)
+# the paper: released CIFAR-10 table, Para.NFE 5 (values rounded to 3 decimals)
 R = [[0.033, 0.796], [0.076, 0.632], [0.387, 0.094]]
 LAM = [[0.869, 0.131], [0.417, 0.583], [0.224, 0.776]]
 C = [[0.997, 0.986], [0.994, 1.007], [1.003, 1.000]]

@@ -1,4 +1,4 @@
-"""The registered learned samplers: NFE accounting of EPD.md §8, trailing zero, registry, model checks."""
+"""The registered learned samplers: NFE accounting of the paper, trailing zero, registry, model checks."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from epd_solver.problems import digits_mixture
 from epd_solver.schedules import time_uniform
 
 F64 = torch.float64
-# EPD.md §8: (Para.NFE, N, evaluations per sample with K = 2, with CFG), AFS on
+# the paper: (Para.NFE, N, evaluations per sample with K = 2, with CFG), AFS on
 SPEC_TABLE = [(3, 3, 5, 10), (5, 4, 8, 16), (7, 5, 11, 22), (9, 6, 14, 28)]
 
 

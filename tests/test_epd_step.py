@@ -39,7 +39,7 @@ def D(model, x, sigma):
 
 
 def ab(d, hist):
-    """Hand-written Adams-Bashforth of EPD.md §5 (hist: oldest first)."""
+    """Hand-written Adams-Bashforth of the paper (hist: oldest first)."""
     q = 1 + len(hist)
     if q == 1:
         return d
@@ -50,7 +50,7 @@ def ab(d, hist):
     return (55 * d - 59 * hist[-1] + 37 * hist[-2] - 9 * hist[-3]) / 24
 
 
-# -- reductions to k-diffusion (EPD.md §4) ---------------------------------------------------------------
+# -- reductions to k-diffusion ---------------------------------------------------------------
 
 @pytest.mark.parametrize("grid", [polynomial(5), time_uniform(5)], ids=["polynomial", "time_uniform"])
 def test_reductions_to_kdiffusion(gmm, x0, grid):
@@ -69,7 +69,7 @@ def test_reductions_to_kdiffusion(gmm, x0, grid):
 
 
 def test_afs_first_step_then_kdiffusion(gmm, x0):
-    """AFS replaces d_0 (EPD.md §6): hand-computed first DPM-2 step with d_0 = x/sqrt(1+t0^2), then k-diffusion."""
+    """AFS replaces d_0: hand-computed first DPM-2 step with d_0 = x/sqrt(1+t0^2), then k-diffusion."""
     grid = polynomial(5)
     t0, t1 = grid[0], grid[1]
     d0 = x0 / math.sqrt(1 + float(t0) ** 2)
@@ -83,7 +83,7 @@ def test_afs_first_step_then_kdiffusion(gmm, x0):
     assert info.nfe.para_nfe == 7 and info.nfe.evaluations == 7
 
 
-# -- the step formula by hand (EPD.md §2) ---------------------------------------------------------------
+# -- the step formula by hand ---------------------------------------------------------------
 
 def test_one_step_equals_spec_formula(gmm):
     grid = polynomial(5)
@@ -161,7 +161,7 @@ def test_plugin_with_order_one_is_epd(gmm, x0):
 
 
 def test_plugin_steps_follow_adams_bashforth_by_hand(gmm, x0):
-    """EPD.md §5 at i = 2 (q = 3) and i = 3 (q = 4): branch points along AB of the base directions."""
+    """the paper at i = 2 (q = 3) and i = 3 (q = 4): branch points along AB of the base directions."""
     grid = time_uniform(6)
     r, lam, c, a = random_tables(5, 2, seed=7)
     _, states = rollout(gmm, x0, grid, r, lam, c, a, afs=True, plugin_order=4, return_states=True)
@@ -180,7 +180,7 @@ def test_plugin_steps_follow_adams_bashforth_by_hand(gmm, x0):
 
 
 def test_amed_solver_is_the_k1_step(gmm, x0):
-    """BASELINES §1.7: x + c (t - s) d(x~, a s_mid) with divisor s_mid; AFS at step 0."""
+    """AMED-Solver: x + c (t - s) d(x~, a s_mid) with divisor s_mid; AFS at step 0."""
     grid = time_uniform(5)
     r = torch.tensor([[0.05], [0.4], [0.6], [0.3]], dtype=F64)
     c = torch.tensor([[1.01], [0.99], [1.0], [1.005]], dtype=F64)
@@ -197,7 +197,7 @@ def test_amed_solver_is_the_k1_step(gmm, x0):
 
 
 def test_amed_plugin_by_hand(gmm, x0):
-    """BASELINES §1.8 over iPNDM (max order 4): one AB history through grid and inserted points."""
+    """AMED-Plugin over iPNDM (max order 4): one AB history through grid and inserted points."""
     grid = polynomial(5)
     r = torch.tensor([[0.5], [0.3], [0.7], [0.45]], dtype=F64)
     c = torch.tensor([[1.01], [0.99], [1.003], [0.995]], dtype=F64)
@@ -220,7 +220,7 @@ def test_amed_plugin_by_hand(gmm, x0):
         amed_plugin_rollout(gmm, x0, grid, *random_tables(4, 2, seed=0))
 
 
-# -- conditioning: batched == sequential == one sample at a time (EPD.md §10.1) -------------------------
+# -- conditioning: batched == sequential == one sample at a time -------------------------
 
 class CondDenoiser(Denoiser):
     """Posterior mean of N(m(cond), I) data plus a nonlinearity; m depends on labels and text per row."""

@@ -90,7 +90,7 @@ def _assert_rounds_to(actual, printed):
 
 
 def test_spec_reference_grids():
-    # EPD.md section 7, reference grids on (0.002, 80)
+    # the paper's reference grids on (0.002, 80)
     _assert_rounds_to(schedules.polynomial(5), ["80", "17.528", "2.5152", "0.1698", "0.002"])
     _assert_rounds_to(schedules.polynomial(6), ["80", "24.408", "5.8389", "0.9654", "0.0851", "0.002"])
     _assert_rounds_to(schedules.logsnr(6), ["80", "9.609", "1.1542", "0.1386", "0.0167", "0.002"])

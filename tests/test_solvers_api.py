@@ -29,7 +29,7 @@ def test_registry_and_lazy_exports():
     assert epd_solver.paper_setting is paper_setting
 
 
-# -- (Para.) NFE: BASELINES.md §1.10 (N steps -> NFE) and EPD.md §8 ---------------------------------------
+# -- (Para.) NFE: N steps -> NFE, as the paper counts -------------------------------------------------
 
 @pytest.mark.parametrize("solver", ONE_ROUND)
 @pytest.mark.parametrize("nfe", [3, 5, 7, 9])
@@ -47,7 +47,7 @@ def test_one_round_solvers_spend_n_steps_minus_afs(solver, nfe, afs):
 @pytest.mark.parametrize("solver", TWO_ROUND)
 @pytest.mark.parametrize("nfe", [3, 5, 7, 9])
 def test_two_round_solvers_reach_odd_nfe_only_with_afs(solver, nfe):
-    steps = (nfe + 1) // 2  # 2N - 1 with AFS: Para.NFE 3/5/7/9 on 3/4/5/6 grid points (EPD.md §8 table)
+    steps = (nfe + 1) // 2  # 2N - 1 with AFS: Para.NFE 3/5/7/9 on 3/4/5/6 grid points, as in the paper's table)
     assert sampling.grid_points_for_nfe(solver, nfe, afs=True) == steps + 1 == {3: 3, 5: 4, 7: 5, 9: 6}[nfe]
     _, info = sampling.sample(digits_mixture(), _x(), polynomial(steps + 1), solver, afs=True)
     assert (info.nfe.para_nfe, info.nfe.evaluations) == (nfe, nfe)
@@ -124,7 +124,7 @@ def test_afs_refused_for_flow_models(solver):
                                      afs=True)
 
 
-# -- the paper's settings (BASELINES.md §2, grids of EPD.md §7) --------------------------------------------
+# -- the paper's settings and grids ---------------------------------------------------------------
 
 def test_paper_settings_follow_the_table():
     assert paper_setting("euler", 5)["knobs"] == {"afs": False}

@@ -76,7 +76,7 @@ def test_published_dpmpp_3m_is_second_order(problem):
 
 def test_ipndm_fixed_coefficients_are_second_order_on_the_polynomial_grid(problem):
     # Equal-step Adams-Bashforth weights on a non-uniform grid cancel the h^2 term (sum_j j c_j = -1/2) but
-    # not the h^3 one, and there is no Runge-Kutta warm-up: order 2 here (BASELINES.md §4: 1.6-2.5).
+    # not the h^3 one, and there is no Runge-Kutta warm-up: order 2 here (the baselines' measured range: 1.6-2.5).
     gm, x, ref = problem
     assert abs(slope(sample_ipndm, gm, x, ref, (20, 40, 80)) - 2.0) <= 0.3
 

@@ -24,7 +24,7 @@ ROW_NAMES = {
 }
 ROW_ORDER = list(ROW_NAMES)
 
-# EPD.md §13, CIFAR-10 FID at NFE 3/5/7/9, for side-by-side orderings (not a target for our numbers).
+# The paper's Table 1 (arXiv 2507.14797), CIFAR-10 FID at NFE 3/5/7/9, for side-by-side orderings (not a target).
 PAPER_FID = {
     "euler": (93.36, 49.66, 27.93, 18.43), "heun": (306.2, 97.67, 37.28, 15.76),
     "dpm_2": (155.7, 57.30, 10.20, 4.98), "amed": (18.49, 7.59, 4.36, 3.67),
@@ -36,7 +36,7 @@ PAPER_FID = {
 # The brief's chain at NFE 5: EPD < AMED < iPNDM < DPM-Solver++/UniPC < DDIM (ties within a tier).
 PAPER_ORDER_NFE5 = [["epd"], ["amed"], ["ipndm"], ["dpmpp_3m", "unipc"], ["euler"]]
 
-# Learned rows: the released tables' setting (BASELINES.md §2, §1.8); the parameter file's grid wins.
+# Learned rows: the released tables' setting; the parameter file's grid wins.
 LEARNED_SETTINGS = {
     "epd": ("time_uniform", {"rho": 1.0}),
     "epd_plugin": ("time_uniform", {"rho": 1.0}),
@@ -71,7 +71,7 @@ def group_of(solver: str) -> str:
 def bench_setting(solver: str, nfe: int) -> dict[str, Any]:
     """Grid and knobs for ``solver`` at (Para.) NFE ``nfe``; same keys as ``paper_setting``.
 
-    ``source`` says where it comes from: "paper" (BASELINES.md §2), "bench" (our choice for a row the
+    ``source`` says where it comes from: "paper", "bench" (our choice for a row the
     paper lacks) or "params" (learned: the grid is the parameter file's).
     """
     from ..solvers import paper_setting

@@ -1,7 +1,7 @@
 """Distillation settings and the named recipes ``default``, ``official`` and ``amed``.
 
 A recipe is a set of defaults; anything passed explicitly overrides it. ``official`` reproduces the
-released ICCV runs (EPD.md §9), ``amed`` AMED's own recipe (BASELINES.md §1.7-1.8), ``default`` is this
+released ICCV runs, ``amed`` AMED's own recipe, ``default`` is this
 library's recipe, chosen by the measurements in ``benchmarks/results/distill_recipes_digits.md`` (and ``_synthetic``).
 """
 
@@ -176,14 +176,14 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
     plugin = solver.endswith("_plugin")
-    if recipe == "official":  # released ICCV runs (EPD.md §9): K = 2, time_uniform rho 1, AFS, 10k trajectories
+    if recipe == "official":  # released ICCV runs: K = 2, time_uniform rho 1, AFS, 10k trajectories
         return dict(schedule="time_uniform", schedule_kwargs={}, afs=True, k=2, parameterization="official",
                     init="randn", scale_dir=0.05, scale_time=0.2 if plugin else 0.05,
                     teacher="dpm_2" if plugin else "heun", teacher_points=3, teacher_subgrid="schedule",
                     rollout="free", bptt="full", loss="per_step", optimizer="adam", lr=0.2, lr_floor=0.01,
                     trajectories=10000, batch=16 if plugin else 32, epochs=1,
                     plugin_order=3 if solver == "epd_plugin" else None)
-    if recipe == "amed":  # AMED's recipe (BASELINES.md §1.7-1.8), a per-step table instead of its network
+    if recipe == "amed":  # AMED's recipe, a per-step table instead of its network
         base = dict(afs=True, parameterization="official", init="deterministic", scale_dir=0.01,
                     scale_time=0.0, teacher="heun", teacher_subgrid="schedule", loss="per_step",
                     optimizer="adam", lr=5e-3, lr_floor=0.0, trajectories=10000, batch=128, epochs=1)

@@ -1,8 +1,8 @@
-"""Distillation losses (EPD.md §9), per sample first, then the batch mean (no scalar broadcasting).
+"""Distillation losses, per sample first, then the batch mean (no scalar broadcasting).
 
 Every term is a mean over a sample's elements (pixels, latents or mixture dimensions), so the scale does not
 grow with the data size, and ``feature_weight`` means the same thing on every dataset (the official code's
-``loss + alpha * I - loss`` silently multiplied alpha by C*H*W, EPD.md §10.3).
+``loss + alpha * I - loss`` silently multiplied alpha by C*H*W).
 """
 
 from __future__ import annotations

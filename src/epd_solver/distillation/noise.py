@@ -1,4 +1,4 @@
-"""Start noise by global trajectory index (ECOSYSTEM.md §6): trajectory j is drawn from its own seed.
+"""Start noise by global trajectory index: trajectory j is drawn from its own seed.
 
 A trajectory's noise therefore depends only on its seed, never on batch size, rank count or how many
 other trajectories are drawn. Training, validation and benchmark noises use disjoint seed ranges.
@@ -57,5 +57,5 @@ def trajectory_noise(shape: Sequence[int], seeds: Sequence[int] | SeedRange, dty
 
 def start_states(prior_scale: float, shape: Sequence[int], seeds: Sequence[int] | SeedRange,
                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
-    """x_0 = prior_scale * z for every seed (EPD.md §1)."""
+    """x_0 = prior_scale * z for every seed."""
     return float(prior_scale) * trajectory_noise(shape, seeds, dtype, device)

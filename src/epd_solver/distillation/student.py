@@ -1,6 +1,6 @@
 """The student: learned tables rolled out with the EPD machinery (``epd_solver.epd``), with gradients.
 
-Rollout modes (EPD.md §9): ``free`` runs from x_0 on the student's own states (the official choice);
+Rollout modes: ``free`` runs from x_0 on the student's own states (the official choice);
 ``teacher_forced`` starts every step from the teacher state (AMED's single-step recipe). BPTT: ``full``
 keeps the graph through the whole prefix, so a loss at the last step reaches every row; ``detached`` cuts
 it between steps. Plugin solvers carry an Adams-Bashforth history through the rollout, so they support

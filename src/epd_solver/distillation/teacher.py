@@ -1,4 +1,4 @@
-"""Teacher trajectories (EPD.md §9): a registered solver on a refined grid, states kept on the student grid.
+"""Teacher trajectories: a registered solver on a refined grid, states kept on the student grid.
 
 The teacher runs without AFS and without gradients. Each student interval gets ``points`` (M) inserted
 points, either from the same schedule on (M+1)(N-1)+1 points (``subgrid="schedule"``, the official
@@ -45,7 +45,7 @@ class TeacherSpec:
             raise ValueError(f"teacher sub-grid must be one of {SUBGRIDS}, got {self.subgrid!r}")
         knobs = dict(self.knobs)
         if knobs.get("afs"):
-            raise ValueError("the teacher never uses AFS (EPD.md §6)")
+            raise ValueError("the teacher never uses AFS")
         object.__setattr__(self, "knobs", tuple(sorted(knobs.items())))
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Learnable EPD tables (EPD.md §3): raw tables of shape (steps, ·) and their activations.
+"""Learnable EPD tables: raw tables of shape (steps, ·) and their activations.
 
 Kinds (every one maps to the natural values r, lam, c, a of shape (steps, K)):
 

@@ -237,7 +237,7 @@ class EPDParams:
                      for v in (self.r, self.weights, self.dir_scale, self.time_scale))
 
     def nfe(self) -> dict[str, Any]:
-        """NFE per sample on the grid (EPD.md §8): Para.NFE = 2(N-1) - [AFS]; evaluations = (N-1)(K+1) - [AFS]."""
+        """NFE per sample on the grid: Para.NFE = 2(N-1) - [AFS]; evaluations = (N-1)(K+1) - [AFS]."""
         para = 2 * self.steps - int(self.afs)
         evals = self.steps * (self.k + 1) - int(self.afs)
         mult = int(self.meta.get("cfg_multiplier", 1))

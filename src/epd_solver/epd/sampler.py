@@ -4,9 +4,9 @@ Each takes ``params=`` (an :class:`EPDParams` of its own solver kind, or a path 
 ``strategy=`` ("batched" | "sequential"). The shared ``register_sampler`` wrapper validates inputs, counts
 NFE, handles a trailing sigma = 0 (x <- D(x; sigma_min), +1 NFE) and ``return_info``.
 
-"amed" is AMED-Solver (BASELINES §1.7) as the K = 1 EPD step with a per-step table of r, c, a instead of
+"amed" is AMED-Solver (Zhou et al., CVPR 2024) as the K = 1 EPD step with a per-step table of r, c, a instead of
 AMED's small feature network (the same table for every sample); "amed_plugin" is AMED-Plugin over iPNDM
-(BASELINES §1.8) with the same kind of table.
+(AMED) with the same kind of table.
 """
 
 from __future__ import annotations
@@ -114,28 +114,28 @@ def _run(solver: str, model, x, sigmas, extra_args, callback, disable, params, s
 @register_sampler("epd", rounds_per_step=2, family="learned", learned=True)
 def sample_epd_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
                       strategy="batched", allow_other_model=False):
-    """EPD-Solver: K learned parallel directions per step, one batched call (EPD.md §2)."""
+    """EPD-Solver: K learned parallel directions per step, one batched call."""
     return _run("epd", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
 @register_sampler("epd_plugin", rounds_per_step=2, family="learned", learned=True)
 def sample_epd_plugin(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
                       strategy="batched", allow_other_model=False):
-    """EPD-Plugin: EPD branch points along the iPNDM Adams-Bashforth direction (EPD.md §5)."""
+    """EPD-Plugin: EPD branch points along the iPNDM Adams-Bashforth direction."""
     return _run("epd_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
 @register_sampler("amed", rounds_per_step=2, family="learned", learned=True)
 def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
                 strategy="batched", allow_other_model=False):
-    """AMED-Solver: one learned mid-point per step (K = 1 EPD step; per-step table, BASELINES §1.7)."""
+    """AMED-Solver: one learned mid-point per step (K = 1 EPD step; per-step table)."""
     return _run("amed", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
 @register_sampler("amed_plugin", rounds_per_step=2, family="learned", learned=True)
 def sample_amed_plugin(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
                        strategy="batched", allow_other_model=False):
-    """AMED-Plugin over iPNDM: a learned point inserted into each step, one AB history (BASELINES §1.8)."""
+    """AMED-Plugin over iPNDM: a learned point inserted into each step, one AB history (AMED)."""
     return _run("amed_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 

@@ -1,4 +1,4 @@
-"""The EPD step (EPD.md §2) and the rollouts built on it: EPD, EPD-Plugin (§5), AMED-Plugin (BASELINES §1.8).
+"""The EPD step and the rollouts built on it: EPD, EPD-Plugin (§5), AMED-Plugin (AMED).
 
 The math is written once: :func:`branch_sigmas` places the K branch points, :func:`branch_gradients`
 evaluates them and :func:`epd_step` combines them. ``strategy`` only decides how the K evaluations run:
@@ -22,7 +22,7 @@ __all__ = ["STRATEGIES", "AB_COEFFS", "MAX_PLUGIN_ORDER", "adams_bashforth", "br
            "epd_step", "rollout", "amed_plugin_rollout", "check_plugin_order"]
 
 STRATEGIES = ("batched", "sequential")
-# Fixed equal-step Adams-Bashforth coefficients (numerators for d_i, d_{i-1}, ...; denominator), EPD.md §5.
+# Fixed equal-step Adams-Bashforth coefficients (numerators for d_i, d_{i-1}, ...; denominator).
 AB_COEFFS: dict[int, tuple[tuple[int, ...], int]] = {
     1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 MAX_PLUGIN_ORDER = 4
@@ -95,7 +95,7 @@ def branch_gradients(model: Callable[..., torch.Tensor], x: torch.Tensor, t_cur:
 def epd_step(model: Callable[..., torch.Tensor], x: torch.Tensor, t_cur: Any, t_next: Any, r: Any, lam: Any,
              c: Any, a: Any, direction: torch.Tensor, extra_args: dict[str, Any] | None = None,
              strategy: str = "batched") -> torch.Tensor:
-    """One EPD step (EPD.md §2) from ``x`` at ``t_cur`` to ``t_next``.
+    """One EPD step from ``x`` at ``t_cur`` to ``t_next``.
 
     ``r, lam, c, a``: natural values of shape (K,) (may require grad; r = 0 and r = 1 are allowed).
     ``direction``: the direction that builds the branch points (d_i for EPD, the Adams-Bashforth b_i for
@@ -177,7 +177,7 @@ def amed_plugin_rollout(model: Callable[..., torch.Tensor], x: torch.Tensor, sig
                         extra_args: dict[str, Any] | None = None, strategy: str = "batched",
                         return_states: bool = False, callback: Callable[[dict], Any] | None = None,
                         disable: bool | None = True):
-    """AMED-Plugin over an iPNDM base (BASELINES §1.8); tables (N-1, 1), ``plugin_order`` = max order (default 4).
+    """AMED-Plugin over an iPNDM base (AMED); tables (N-1, 1), ``plugin_order`` = max order (default 4).
 
     Per step s -> t with s_mid = s^(1-r) t^r and one AB history across grid and inserted points:
     x_mid = x + (s_mid - s) AB(d_i, hist); d_mid = (x_mid - D(x_mid; a s_mid)) / s_mid;

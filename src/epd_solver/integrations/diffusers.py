@@ -1,6 +1,6 @@
 """diffusers models and pipelines as epd-solver denoisers, and batched sampling through them.
 
-This is the batched path of ECOSYSTEM.md §4.2(a), the one with EPD's latency: the network is wrapped
+This is the batched path, the one with EPD's latency: the network is wrapped
 once as a denoiser ``D(x, sigma, **cond)`` with per-row timesteps, so the K branch points of an EPD step
 run as one call of B*K rows (2*B*K under classifier-free guidance), conditioning tiled branch-major.
 Per model family only the parameterisation and time mapping differ:
@@ -167,8 +167,8 @@ def default_sigmas(denoiser: Denoiser, num_inference_steps: int, scheduler: Any 
                    mu: float | None = None) -> torch.Tensor:
     """The default grid of ``num_inference_steps`` steps (steps + 1 points, no trailing 0), float64.
 
-    VP-discrete: :func:`~epd_solver.schedules.discrete` with rho = 1 (indices T-1 ... 0, EPD.md §7). Flow:
-    what the FlowMatch ``scheduler`` lays out for steps + 1 points, minus its trailing 0 (EPD.md §7; ``mu``
+    VP-discrete: :func:`~epd_solver.schedules.discrete` with rho = 1 (indices T-1 ... 0). Flow:
+    what the FlowMatch ``scheduler`` lays out for steps + 1 points, minus its trailing 0 (``mu``
     for dynamic shifting), or :func:`~epd_solver.schedules.flowmatch` with shift 3 without a scheduler.
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:

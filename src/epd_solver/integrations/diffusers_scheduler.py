@@ -1,4 +1,4 @@
-"""``EPDScheduler``: learned EPD tables as a diffusers scheduler for stock pipelines (ECOSYSTEM.md §4.2(b)).
+"""``EPDScheduler``: learned EPD tables as a diffusers scheduler for stock pipelines.
 
 **Sequential, no latency gain.** Stock pipelines call the model once per timestep with the same
 timestep for every row, so the K branch evaluations of a step cannot share one batched call. Like

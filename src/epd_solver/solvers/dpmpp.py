@@ -1,6 +1,6 @@
 """DPM-Solver++(2M) and (3M): multistep data-prediction exponential integrators in lambda = -log sigma.
 
-Lu et al. 2022 (arXiv 2211.01095), EDM form of BASELINES.md §1.4. With h = log(s/t) and phi1 = expm1(-h):
+Lu et al. 2022 (arXiv 2211.01095), in EDM form. With h = log(s/t) and phi1 = expm1(-h):
 order 1 x <- (t/s) x - phi1 D_i; order 2 subtracts phi1/2 D1; order 3 adds phi2 D1 - phi3 D2.
 """
 

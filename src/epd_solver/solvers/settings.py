@@ -1,4 +1,4 @@
-"""The grid and knobs behind each training-free row of EPD Table 1 at a given NFE (BASELINES.md §2)."""
+"""The grid and knobs behind each training-free row of EPD Table 1 at a given NFE."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PAPER_ROWS = {
     "unipc": "UniPC", "ipndm": "iPNDM", "paradigms": "ParaDiGMS",
 }
 
-# ParaDiGMS' base grid, window and tolerance are not recoverable from the paper (BASELINES.md §2): ours.
+# ParaDiGMS' base grid, window and tolerance are not recoverable from the paper: ours.
 PARADIGMS_BASE_STEPS = 20
 
 

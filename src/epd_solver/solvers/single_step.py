@@ -1,4 +1,4 @@
-"""Single-step baselines in EDM sigma coordinates: Euler/DDIM, EDM Heun, DPM-Solver-2 (BASELINES.md §1.1-1.3)."""
+"""Single-step baselines in EDM sigma coordinates: Euler/DDIM, EDM Heun, DPM-Solver-2."""
 
 from __future__ import annotations
 
