@@ -20,14 +20,12 @@ from typing import Any
 
 import torch
 
-from ..commands.conditioning import CLIConditioningError, Conditioning
-
 __all__ = ["PromptError", "read_prompts", "PromptConditioning", "prompt_conditioning", "encoder_identity"]
 
 _EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 
-class PromptError(CLIConditioningError):
+class PromptError(ValueError):
     """A prompts file or embeddings file that cannot be used, or a model that takes no prompts."""
 
 
@@ -44,11 +42,15 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-class PromptConditioning(Conditioning):
-    """Prompt embeddings as condition rows (``rows``: model keyword -> one row per prompt)."""
+class PromptConditioning:
+    """Prompt embeddings as condition rows (``rows``: model keyword -> one row per prompt), the (guided) model
+    and the guidance scale: what ``epd distill`` / ``epd sample`` take from a class-label ``Conditioning``."""
+
+    labels = None
+    key = None
 
     def __init__(self, model: Any, rows: dict[str, torch.Tensor], guidance: float, record: dict[str, Any]):
-        super().__init__(model, None, guidance, None)
+        self.model, self.guidance = model, guidance
         self.rows, self.record = rows, record
         self.n = next(iter(rows.values())).shape[0]
 
