@@ -5,7 +5,8 @@ model in :class:`~epd_solver.denoisers.CFGDenoiser` with the null label (``--nul
 own) as the unconditional input (w = 1: the conditional model alone). Seed s gets ``labels[s % n]``, the rule
 ``distill(conditions=...)`` uses, so a table's trajectories and ``epd sample`` agree; one label: all seeds.
 A conditional model (one with ``num_classes``) called without labels, labels outside its classes and an
-unconditional model given labels are named errors before any work.
+unconditional model given labels are named errors before any work. ``--prompts FILE`` / ``--prompt-embeds``
+(diffusers text pipelines) are handled by :mod:`epd_solver.integrations.prompts`, with the same seed rule.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser, sample: bool = False) -> None
                    "(default 1: the conditional model alone)")
     g.add_argument("--null-label", type=int, help="the unconditional label of classifier-free guidance (default: "
                    "the model's, e.g. 10 for digits classes 0-9)")
+    g.add_argument("--prompts", help="diffusers text pipelines: a text file, one prompt per line (blank lines "
+                   "ignored), encoded once by the pipeline's text encoders (cached); seed s gets prompts[s %% n]")
+    g.add_argument("--negative-prompt", help="the unconditional branch of --guidance-scale (default: the empty "
+                   "prompt)")
+    g.add_argument("--prompt-embeds", help="precomputed embeddings (.safetensors: prompt_embeds, pooled_prompt_embeds "
+                   "..., one row per prompt; optional negative_* of one row) instead of --prompts")
     if sample:
         g.add_argument("--allow-guidance-mismatch", action="store_true",
                        help="sample a table at another guidance scale than it was distilled at")
@@ -83,11 +90,21 @@ def conditioning_of(model: Any, args: argparse.Namespace) -> Conditioning:
     """Check the flags against the model and wrap it for guidance (see the module docstring)."""
     from ..denoisers import CFGDenoiser
 
+    if getattr(args, "prompts", None) is not None or getattr(args, "prompt_embeds", None) is not None:
+        from ..integrations.prompts import prompt_conditioning
+
+        return prompt_conditioning(model, args)
+    if getattr(args, "negative_prompt", None) is not None:
+        raise CLIConditioningError("--negative-prompt is the unconditional branch of --prompts: give --prompts FILE "
+                                   "(or --prompt-embeds FILE.safetensors)")
     text = getattr(args, "class_labels", None)
     w = getattr(args, "guidance_scale", None)
     null = getattr(args, "null_label", None)
     classes = getattr(model, "num_classes", None)
     name = getattr(model, "name", "the model")
+    if classes is None and "encoder_hidden_states" in getattr(getattr(model, "net", None), "params", ()):
+        raise CLIConditioningError(f"{name} is text-conditional: pass --prompts FILE (one prompt per line) or "
+                                   "--prompt-embeds FILE.safetensors")
     if classes is None:
         if text is not None or w is not None or null is not None:
             raise CLIConditioningError(f"{name} is not class-conditional (it has no num_classes): drop "

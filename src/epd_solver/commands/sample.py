@@ -395,7 +395,7 @@ def _run(args: argparse.Namespace, seeds: list[int], stats_path: Path | None, de
     plan, knobs = built["plan"], built["knobs"]
     if "params" in knobs:
         check_table_guidance(knobs["params"].meta, cond, args.allow_guidance_mismatch)
-    if cond.labels is not None:
+    if cond.guidance is not None:  # class labels or prompts
         plan.update(cond.describe())
     plan.update(model=args.model, model_name=str(getattr(model, "name", args.model)), shape=list(shape),
                 dtype=args.dtype, output=fmt, start_scale=start_scale(model, plan["sigmas"]),

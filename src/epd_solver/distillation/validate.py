@@ -136,6 +136,8 @@ def run_baselines(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int
     and end points (``"output"``)."""
     out = []
     for cfg in baseline_configs(nfe, solvers):
+        if cfg.afs and not getattr(model, "afs_allowed", True):  # flow models: AFS is undefined there
+            continue
         output, info = cfg.run(model, x0, sigma_min, sigma_max, extra_args, batch, rows)
         out.append({"solver": cfg.solver, "label": cfg.label(), "setting": cfg.setting, "schedule": cfg.schedule,
                      "schedule_kwargs": dict(cfg.schedule_kwargs), "n_points": cfg.n_points, "afs": cfg.afs,
