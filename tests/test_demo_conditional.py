@@ -71,3 +71,16 @@ def test_epd_row_and_files(demo):
     assert [r["rmse"] for r in result["rows"]] == sorted(r["rmse"] for r in result["rows"])
     assert {p.name for p in (out / "grids").iterdir()} == {f"{r['solver']}.png" for r in result["rows"]}
     assert len(list((out / "params").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gmm:digits"], "runs on the bundled digits-cond model"),
+    (["--per-class", "0"], "--per-class must be >= 1"),
+])
+def test_cli_refuses_bad_input_before_work(tmp_path, capsys, argv, message):
+    from epd_solver.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--conditional", "--out", str(out)] + argv) != 0
+    assert message in capsys.readouterr().err
+    assert not out.exists()

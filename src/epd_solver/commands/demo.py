@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--conditional", action="store_true",
                    help="the class-conditional part instead: distil on digits-cond over labels 0-9 at "
-                        "--guidance-scale and draw a per-class grid per solver (see demo_conditional)")
+                        "--guidance-scale and draw a per-class grid per solver (about a minute; --model and --samples do "
+                        "not apply)")
     p.add_argument("--guidance-scale", type=float, default=2.0,
                    help="classifier-free guidance scale of the conditional part (default 2; 1 = no guidance)")
     p.add_argument("--per-class", type=int, default=8,

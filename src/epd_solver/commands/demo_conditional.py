@@ -142,6 +142,9 @@ def markdown(result: dict[str, Any]) -> str:
 def run_conditional(args) -> int:
     from ..bench.runner import check_out_dir
 
+    if args.model not in ("digits", "digits-cond"):
+        raise ValueError(f"--conditional runs on the bundled digits-cond model, not --model {args.model}; "
+                         "drop --model")
     if args.per_class < 1:
         raise ValueError("--per-class must be >= 1")
     out = check_out_dir(args.out, args.force)
