@@ -153,6 +153,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['guidance']:g} | {r['nfe']} | {r['epd_rmse']:.4f} | {r['best_baseline']} | "
                      f"{r['baseline_rmse']:.4f} | {r['ratio']:.3f} | {r['worst_class']} ({r['worst_class_ratio']:.3f}) "
                      f"| {per} | {r['reference_rmse_vs_2x_steps_200_pairs']:.1e} | {r['distill_seconds']:.0f} |")
+    if res.get("note"):
+        lines += ["", "Note: " + res["note"]]
     if res["cells"]:
         lines += ["", "Pixel Fréchet distance per class to the real digits of that class (EPD / best training-free / "
                   "reference):", "", "| guidance | Para.NFE | " + " | ".join(f"class {c}" for c in range(10)) + " |",
@@ -170,7 +172,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {s['guidance']:g} | {s['nfe']} | {s['pairs']} | {s['all_rmse']:.4f} | "
                          f"{s['single_rmse']:.4f} | {s['classes_where_all_wins']} / 9 |")
     if res["timing"]:
-        lines += ["", "Distillation time, default recipe, teacher cache off (same process, one after the other):", "",
+        lines += ["", "Distillation time, default recipe, teacher cache off:", "",
                   "| model | guidance | Para.NFE | seconds | vs unconditional digits |", "|---|---|---|---|---|"]
         unc = {t["nfe"]: t["seconds"] for t in res["timing"] if t["model"] == "digits"}
         for t in res["timing"]:
@@ -189,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-uncond-timing", action="store_true", help="skip the unconditional model's distillation")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    ap.add_argument("--note", default="", help="with --merge: a line on how the runs were made")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only merge the JSON files of several runs (e.g. one per guidance scale) into --out")
     args = ap.parse_args(argv)
@@ -198,6 +201,7 @@ def main(argv=None) -> int:
         for key in ("cells", "single", "timing"):
             res[key] = [x for p in parts for x in p[key]]
         res["load_start"] = "; ".join(p["load_start"] for p in parts)
+        res["note"] = args.note
         res["runs"] = [{"file": f, "load_start": p["load_start"]} for f, p in zip(args.merge, parts)]
         Path(args.out + ".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
         Path(args.out + ".md").write_text(markdown(res))
