@@ -31,6 +31,14 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--conditional", action="store_true",
+                   help="the class-conditional part instead: distil on digits-cond over labels 0-9 at "
+                        "--guidance-scale and draw a per-class grid per solver (about a minute; --model and --samples do "
+                        "not apply)")
+    p.add_argument("--guidance-scale", type=float, default=2.0,
+                   help="classifier-free guidance scale of the conditional part (default 2; 1 = no guidance)")
+    p.add_argument("--per-class", type=int, default=8,
+                   help="conditional part: noises per class, the same noises for every class (default 8)")
     p.set_defaults(func=run)
 
 
@@ -51,6 +59,10 @@ def run(args) -> int:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.conditional:
+        from .demo_conditional import run_conditional
+
+        return run_conditional(args)
     t0 = time.perf_counter()
     out = check_out_dir(args.out, args.force)
     model = load_model(args.model)
