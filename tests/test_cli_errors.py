@@ -117,8 +117,11 @@ def test_a_killed_sample_run_leaves_no_temporary_file_and_resumes(tmp_path, sig,
     argv = ["sample", "--model", "gmm:digits", "--solver", "heun", "--steps", "200", "--seeds", "0-999",
             "--batch", "1", "--out", str(out), "--quiet", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so (as a user's `nohup epd ... &`
+    # should): the child gets the default disposition back, as a terminal's foreground command has it.
     proc = subprocess.Popen([sys.executable, "-m", "epd_solver.cli", *argv], env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not list(out.glob("*.npy")):
         time.sleep(0.05)
