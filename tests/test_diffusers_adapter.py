@@ -418,3 +418,20 @@ def test_grid_range_insets_only_bounded_models():
     assert grid_range(EDMDenoiser(lambda x, s: x), 0.002, 80.0, 0.1, "paper") == (0.002, 80.0)
     with pytest.raises(ValueError, match="'paper' parameterisation"):
         grid_range(vp, lo, hi, 0.05, "paper")
+
+
+def test_a_pipeline_saved_without_some_components_loads(tmp_path):
+    """An SD3 folder saved without its text encoders (null in model_index.json) loads, as diffusers saved it."""
+    from epd_solver.integrations.diffusers import diffusers_denoiser, load_diffusers_model
+
+    pipe = tiny_sd3_pipe()
+    pipe.save_pretrained(tmp_path / "sd3")
+    den = load_diffusers_model(str(tmp_path / "sd3"))
+    assert den.pipeline.text_encoder_3 is None and den.pipeline.tokenizer is None
+    want = pipe.transformer.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in den.pipeline.transformer.state_dict().items())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.7, 0.3])
+    e = sd3_embeddings(2)
+    cond = {"encoder_hidden_states": e["prompt_embeds"], "pooled_projections": e["pooled_prompt_embeds"]}
+    torch.testing.assert_close(den(x, sigma, **cond), diffusers_denoiser(pipe)(x, sigma, **cond), rtol=1e-6, atol=1e-6)

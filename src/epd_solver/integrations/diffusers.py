@@ -566,7 +566,11 @@ def load_diffusers_model(path: str | os.PathLike, *, scheduler: Any = None, pred
     dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     pipe = None
     if (folder / "model_index.json").is_file():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, **dtype_kw)
+        # components saved as null (a pipeline saved without, e.g., its T5 encoder) are passed as None, as they
+        # were when it was saved: diffusers otherwise refuses the folder for the missing components
+        absent = {k: None for k, v in _read_json(folder / "model_index.json").items()
+                  if not k.startswith("_") and (v is None or (isinstance(v, list) and all(e is None for e in v)))}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, **absent, **dtype_kw)
         if device is not None:
             pipe.to(device)
         model, sched, _ = _split(pipe, scheduler)
