@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "Denoiser",
     "as_denoiser",
+    "has_bounded_time",
     "EDMDenoiser",
     "DiscreteEpsDenoiser",
     "DiscreteVDenoiser",
@@ -331,6 +332,14 @@ def _repeat_value(value: Any, k: int, batch: int, key: str) -> Any:
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
         return type(value)(_repeat_value(v, k, batch, f"{key}[{i}]") for i, v in enumerate(value))
     return value
+
+
+def has_bounded_time(model: Any) -> bool:
+    """True for models whose time input exists only on their [sigma_min, sigma_max] (discrete VP denoisers,
+    which map sigma to a timestep index), seen through CFGDenoiser and other wrappers (``.inner``)."""
+    while hasattr(model, "inner"):
+        model = model.inner
+    return callable(getattr(model, "sigma_to_t", None))
 
 
 def model_info(model: Any) -> dict[str, Any]:

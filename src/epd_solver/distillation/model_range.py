@@ -13,20 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..denoisers import has_bounded_time
+
 __all__ = ["grid_range"]
-
-
-def _bounded(model: Any) -> bool:
-    """True for models whose time input exists only on [sigma_min, sigma_max] (discrete VP denoisers)."""
-    while hasattr(model, "inner"):  # CFGDenoiser and other wrappers
-        model = model.inner
-    return callable(getattr(model, "sigma_to_t", None))
 
 
 def grid_range(model: Any, sigma_min: float, sigma_max: float, scale_time: float,
                parameterization: str) -> tuple[float, float]:
     """(lo, hi) for the student grid of ``model``: its own range, inset by the time-scale bound where bounded."""
-    if not _bounded(model) or scale_time == 0:
+    if not has_bounded_time(model) or scale_time == 0:
         return sigma_min, sigma_max
     if parameterization == "paper":
         raise ValueError("the 'paper' parameterisation's time offset moves branch evaluations by a fraction of a "

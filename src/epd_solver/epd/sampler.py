@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..denoisers import model_info
+from ..denoisers import has_bounded_time, model_info
 from ..contract import NFECounter, register_sampler
 from .params import GRID_RTOL, EPDParams, ParamsMismatchError
 from .step import amed_plugin_rollout, rollout
@@ -37,12 +37,6 @@ def _base_id(model_id: Any) -> str:
     """A model id without the ``+cfgW`` of a CFGDenoiser (``epd sample`` checks the guidance scale itself,
     with its own flag)."""
     return re.sub(r"\+cfg[-+0-9.e]+$", "", str(model_id))
-
-
-def _innermost(model: Any) -> Any:
-    while hasattr(model, "inner"):  # CFGDenoiser and other wrappers
-        model = model.inner
-    return model
 
 
 def check_model_fit(params: EPDParams, model: Any, allow_other_model: bool = False) -> None:
@@ -65,7 +59,7 @@ def check_model_fit(params: EPDParams, model: Any, allow_other_model: bool = Fal
     s, tol = params.sigmas, GRID_RTOL
     # A grid starts at the model's sigma_max, or on a discrete-time model up to the time-scale bound below it
     # (distillation insets the grid there so that every learned a * tau stays on the scheduler's levels).
-    inset = 1.0 + float(params.scale_time or 0.0) if callable(getattr(_innermost(inner), "sigma_to_t", None)) else 1.0
+    inset = 1.0 + float(params.scale_time or 0.0) if has_bounded_time(inner) else 1.0
     if float(s[-1]) < float(lo) * (1 - tol) or float(s[0]) > float(hi) * (1 + tol) \
             or float(s[0]) < float(hi) / inset * (1 - tol):
         raise ParamsMismatchError(f"the parameters' sigma grid runs from {float(s[0]):.6g} to {float(s[-1]):.6g}; "
