@@ -18,6 +18,7 @@ from ..epd import EPDParams
 from .cache import DiskCache, default_cache_dir, model_fingerprint
 from .candidates import Candidates, candidate_grids, checkpoint_paths, warm_start
 from .conditions import Conditions, ConditionsError
+from .cost import EvaluationMeter
 from .config import AUTO, SELECTION_REFERENCE, DistillConfig, make_config
 from .datasets import (CHECK_SEED_BASE, CONVERGENCE_SUBSET, EXACT_RTOL, SELECTION_SEED_BASE, TRAIN_SEED_STRIDE,
                        DataSets)
@@ -175,6 +176,11 @@ class DistillRun(DataSets, Candidates, Verdict):
         sizes = dist_utils.row_split(c.trajectories, world)
         me = dist_utils.rank() if self.data_parallel else 0
         self.shard = (sum(sizes[:me]), sum(sizes[:me + 1]))  # this rank's training trajectories (global indices)
+        # every call of the model from here on is counted by phase (``cost``); ``target`` is the model itself
+        self.meter = EvaluationMeter()
+        self.target = model
+        self.network_multiplier = int(getattr(model, "cfg_multiplier", 1))
+        self.model = self.meter.wrap(model)
 
     # -- the run ------------------------------------------------------------------------------------------
     def run(self, checkpoint=None, checkpoint_every: int = 50, resume: bool = False, init_from: Any = None,
@@ -183,7 +189,7 @@ class DistillRun(DataSets, Candidates, Verdict):
         for path in checkpoint_paths(checkpoint, len(self.grids)):
             if path is not None and not resume and path.exists():
                 raise FileExistsError(f"checkpoint {path} exists: pass resume=True (--resume) to continue it")
-        saved = _freeze(self.model)
+        saved = _freeze(self.target)
         try:
             with torch.enable_grad():
                 params = self._run(checkpoint, checkpoint_every, resume, init_from, on_iteration, t0)
@@ -233,17 +239,22 @@ class DistillRun(DataSets, Candidates, Verdict):
         own = SeedRange(self.train_seeds.start + lo, hi - lo)
         x0 = self.starts(own)
         select = self.selection_set() if c.selection_noises else None
-        runs, outcomes, best, selection = self.contest(
-            lambda grid, path: self._prepare(grid, val_x0, x0, own, init_from, resume, path, checkpoint_every,
-                                             on_iteration, select), val_x0, select, checkpoint, resume)
+        with self.meter.phase("training"):
+            runs, outcomes, best, selection = self.contest(
+                lambda grid, path: self._prepare(grid, val_x0, x0, own, init_from, resume, path, checkpoint_every,
+                                                 on_iteration, select), val_x0, select, checkpoint, resume)
         run, outcome = runs[best], outcomes[best]
         spec, conv, student, loss, tables = run["spec"], run["conv"], run["student"], run["loss"], run["tables"]
         restarts, val_teacher = run["restarts"], run["val_teacher"]
         tables.load_raw_(outcome.best_raw)
         t_train = time.perf_counter() - t0 - self.teacher_seconds - self.selection_seconds
 
-        validation = self.compare(student, tables, val_x0, val_teacher) if c.compare else None
+        with self.meter.phase("verdict"):
+            validation = self.compare(student, tables, val_x0, val_teacher) if c.compare else None
         seconds = time.perf_counter() - t0
+        if self.data_parallel:
+            self.meter.all_reduce()
+        self.log(self.meter.summary())
         meta = {
             "schedule": self.schedule, "schedule_kwargs": self.schedule_kwargs, "init": self.init,
             "model_id": self.model_id,
@@ -265,6 +276,7 @@ class DistillRun(DataSets, Candidates, Verdict):
                        "teacher_evaluations_this_run": self.teacher_evaluations,
                        "cache_hits": self.cache.hits, "cache_misses": self.cache.misses},
             "validation": validation,
+            "evaluations": self.meter.as_dict(self.network_multiplier, self.processes),
         }
         conditioning = self.conditioning_record()
         if conditioning is not None:

@@ -81,8 +81,9 @@ class DataSets:
         x0 = self.starts(seeds) if x0 is None else x0
         batch = self._rows_per_batch(256)
         start = time.perf_counter()
-        states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch,
-                                     rows=self.rows_for(seeds))
+        with self.meter.phase("teacher"):
+            states, report = run_teacher(self.model, x0, fine, spec, self.extra_args, batch=batch,
+                                         rows=self.rows_for(seeds))
         self.teacher_seconds += time.perf_counter() - start
         self.teacher_evaluations += report.evaluations * seeds.count
         self.teacher_nfe = report.para_nfe
@@ -102,8 +103,9 @@ class DataSets:
         hit = self.cache.load("exact", key, seeds)
         if hit is not None:
             return hit["x"]
-        x = exact_reference(self.model, x0, self.sigma_max, self.sigma_min, rtol=EXACT_RTOL,
-                            extra_args=self.extra_args, rows=self.rows_for(seeds))
+        with self.meter.phase("exact"):
+            x = exact_reference(self.model, x0, self.sigma_max, self.sigma_min, rtol=EXACT_RTOL,
+                                extra_args=self.extra_args, rows=self.rows_for(seeds))
         self.cache.save("exact", key, seeds, {"x": x})
         return x
 
@@ -111,8 +113,9 @@ class DataSets:
         """End points of every training-free configuration at this Para.NFE on the validation noises
         (computed once per run, used by the teacher check and by the final comparison)."""
         if self._field is None:
-            self._field = run_baselines(self.model, val_x0, self.cfg.nfe, self.sigma_min, self.sigma_max,
-                                        self.extra_args, rows=self.rows_for(self.val_seeds))
+            with self.meter.phase("baselines"):
+                self._field = run_baselines(self.model, val_x0, self.cfg.nfe, self.sigma_min, self.sigma_max,
+                                            self.extra_args, rows=self.rows_for(self.val_seeds))
         return self._field
 
     def baselines(self, val_x0: torch.Tensor, references: dict[str, tuple[str, torch.Tensor]]):
@@ -198,8 +201,9 @@ class DataSets:
                 return x, hit["x"].to(x.device)
             start = time.perf_counter()
             reference = BaselineConfig(solver, schedule, tuple(sorted(kwargs.items())), n, (), "reference")
-            y, _ = reference.run(self.model, x, self.sigma_min, self.sigma_max, self.extra_args,
-                                 batch=self._rows_per_batch(1024), rows=self.rows_for(seeds))
+            with self.meter.phase("references"):
+                y, _ = reference.run(self.model, x, self.sigma_min, self.sigma_max, self.extra_args,
+                                     batch=self._rows_per_batch(1024), rows=self.rows_for(seeds))
             self.selection_seconds += time.perf_counter() - start
             self.cache.save("selection", key, seeds, {"x": y})
         self.log(f"{what}: {seeds.count} noises, {solver} on {n} {schedule} points "

@@ -53,8 +53,9 @@ class Verdict:
             if self._field is not None:
                 base_end = next(r["output"] for r in self._field if r["label"] == best["label"])
             else:  # the field came from the cache: run only the best configuration again
-                base_end, _ = BaselineConfig.of_row(best).run(self.model, val_x0, self.sigma_min, self.sigma_max,
-                                                              self.extra_args, rows=val_rows)
+                with self.meter.phase("baselines"):
+                    base_end, _ = BaselineConfig.of_row(best).run(self.model, val_x0, self.sigma_min,
+                                                                  self.sigma_max, self.extra_args, rows=val_rows)
             target = refs[ref][1]
             lo, hi = ratio_interval(sample_mse(end, target), sample_mse(base_end, target))
             out.update(ratio_interval=[lo, hi], conclusive=bool(hi < 1 or lo > 1))
@@ -77,8 +78,9 @@ class Verdict:
             end = student.sample(self.model, tables, x, self.extra_args, rows=cond)
         rows = []
         for row in field[:CHECK_BASELINES]:
-            base, _ = BaselineConfig.of_row(row).run(self.model, x, self.sigma_min, self.sigma_max, self.extra_args,
-                                                     rows=cond)
+            with self.meter.phase("baselines"):
+                base, _ = BaselineConfig.of_row(row).run(self.model, x, self.sigma_min, self.sigma_max,
+                                                         self.extra_args, rows=cond)
             rows.append((rmse(base, y), row, base))
         base_rmse, best, base_end = min(rows, key=lambda r: r[0])
         student_rmse = rmse(end, y)
