@@ -210,12 +210,12 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, optimizer):
 
 @pytest.mark.parametrize("kill_at", [(2, 3), (6, 1)])
 def test_killed_selection_run_resumes_to_the_same_parameters(tmp_path, kill_at):
-    """The default recipe's selection: four (grid, init) candidates train two rounds, the best grid's two go on.
+    """The selection: four (grid, init) candidates train two rounds, the best grid's two go on.
     Killed in the third candidate's first phase, or in the first finishing one, a resumed run ends identical."""
     opts = dict(cache_dir=tmp_path / "cache", teacher_points=1, trajectories=16, batch=4, val_trajectories=8,
-                lbfgs_rounds=4, lbfgs_iterations=2, compare=False)
+                lbfgs_rounds=4, lbfgs_iterations=2, compare=False, select_after=2, finalists=0)
     whole = distill(GaussDenoiser(), "epd", 5, **opts)
-    assert whole.meta["selection"]["noises"] == 8 * 16 and len(whole.meta["grid_selection"]["finished"]) == 2
+    assert whole.meta["selection"]["noises"] == 2 * 16 and len(whole.meta["grid_selection"]["finished"]) == 2
 
     class Killed(Exception):
         pass

@@ -61,7 +61,10 @@ def test_recorded_evaluations_equal_an_independent_count(tmp_path, recipe_opts):
     assert ev["total"] == ev["forward"] + ev["backward"]
     assert sum(v["forward"] for v in ev["phases"].values()) == ev["forward"]
     assert set(ev["phases"]["training"]) == {"forward", "backward"}
-    assert ev["phases"]["training"]["backward"] == ev["backward"]  # only training rollouts are differentiated
+    probe = ev["phases"].get("probe", {"forward": 0, "backward": 0})  # the budget's timing of the model
+    assert (probe["forward"] > 0) == (recipe_opts.get("recipe", "default") == "default")
+    # only training rollouts (and the probe) are differentiated
+    assert ev["phases"]["training"]["backward"] + probe["backward"] == ev["backward"]
     # the teacher phase by formula: dpm_2 spends 2 evaluations per fine step, M = 1 -> 2 fine steps per student
     # step (N - 1 = 3 at Para.NFE 5 with AFS): the training set at M = 1, the validation set at M = 1 (with V = 8
     # it is also the refinement check's subset, computed once) and at M = 3 (the check); one teacher per grid
@@ -81,3 +84,86 @@ def test_a_cache_hit_spends_nothing(tmp_path):
     assert "teacher" in first.meta["evaluations"]["phases"]
     assert "teacher" not in second.meta["evaluations"]["phases"]  # the teacher came from the cache
     assert second.meta["evaluations"]["forward"] == model.box["forward"]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),  # default: two grids x two inits, halving on the selection set, check set
+    dict(select_noises=0, init="deterministic"),  # two grids, each in full, a shared reference
+    dict(recipe="official", trajectories=64, batch=16, val_every=3),  # Adam, one grid
+    dict(schedule="time_uniform", init="deterministic", val_trajectories=80, teacher_points="auto"),
+])
+def test_the_estimate_matches_what_a_run_spends(tmp_path, opts):
+    """Every phase is predicted exactly (a cold cache) but L-BFGS training (the line search's backtracking,
+    predicted on average)."""
+    from epd_solver.distillation import DistillRun
+    from epd_solver.distillation.estimate import estimate
+
+    base = dict(cache_dir=tmp_path, teacher_points=1, trajectories=16, batch=4, val_trajectories=8,
+                lbfgs_rounds=4, lbfgs_iterations=3)
+    base.update(opts)
+    recipe = base.pop("recipe", "default")
+    model = CountingGauss()
+    est = estimate(DistillRun(model, "epd", 5, recipe=recipe, **{k: v for k, v in base.items()}))
+    p = distill(model, "epd", 5, recipe=recipe, **base)
+    spent = p.meta["evaluations"]["phases"]
+    if est["teacher_points_source"] == "assumed":  # the refinement's end is known only after it ran
+        assert p.meta["teacher"]["points"] == est["teacher_points"] or "teacher" in spent
+        spent = {k: v for k, v in spent.items() if k != "teacher" or p.meta["teacher"]["points"] == est["teacher_points"]}
+    for phase, counts in spent.items():
+        if phase == "training" and recipe == "default":
+            # the toy's line search backtracks more than the real problems' (1.24 steps per loss on gmm:digits;
+            # the benchmark reports the estimate against the count on each problem)
+            ratio = est["phases"][phase]["forward"] / counts["forward"]
+            assert 0.4 <= ratio <= 1.3, (phase, ratio)
+            assert est["phases"][phase]["backward"] == est["phases"][phase]["forward"]
+        else:
+            assert est["phases"][phase] == counts, phase
+    assert set(est["phases"]) == set(p.meta["evaluations"]["phases"])
+
+
+# -- budgets ------------------------------------------------------------------------------------------
+def test_budget_forms_and_named_errors():
+    from epd_solver.distillation.budget import DEFAULT_DURATION, DEFAULT_EVALUATIONS, BudgetError, parse_budget
+
+    assert parse_budget(250_000) == (250_000, None) == parse_budget("250,000")
+    assert parse_budget("90s") == (None, 90.0) and parse_budget("10min") == (None, 600.0)
+    assert parse_budget("1.5h") == (None, 5400.0)
+    assert parse_budget("auto") == (DEFAULT_EVALUATIONS, DEFAULT_DURATION) and parse_budget("off") == (None, None)
+    for bad in ("10q", "-5", 0, "0s", True, 1.5):
+        with pytest.raises(BudgetError, match="budget .*model evaluations"):
+            parse_budget(bad)
+    with pytest.raises(BudgetError, match="scales the default recipe"):
+        distill(CountingGauss(), "epd", 5, recipe="official", budget=1000, trajectories=8)
+
+
+@pytest.mark.parametrize("cap", [60_000, 200_000])
+def test_a_budget_picks_the_richest_rung_that_fits(tmp_path, cap):
+    from epd_solver.distillation import plan
+    from epd_solver.distillation.budget import RUNGS
+
+    p = plan(CountingGauss(), "epd", 5, cache_dir=tmp_path, budget=cap, lbfgs_iterations=4)
+    b = p["budget"]
+    assert b["fits"] and p["estimate"]["total"] <= cap
+    assert all(t["evaluations"] > cap for t in b["tried"][:-1]) and b["tried"][-1]["rung"] == b["rung"] > 0
+    assert p["config"]["trajectories"] == RUNGS[b["rung"]]["trajectories"]
+    assert p["config"]["lbfgs_iterations"] == 4  # an explicit option is never scaled
+
+
+def test_a_budget_spends_what_it_said(tmp_path):
+    model = CountingGauss()
+    p = distill(model, "epd", 5, cache_dir=tmp_path, budget=60_000, lbfgs_iterations=3, lbfgs_rounds=2)
+    est, spent = p.meta["evaluations"]["estimate"], p.meta["evaluations"]
+    assert est["total"] <= 60_000 and spent["forward"] == model.box["forward"]
+    assert 0.7 <= spent["total"] / est["total"] <= 1.3
+    assert p.meta["budget"]["rung"] == p.meta["budget"]["tried"][-1]["rung"]
+
+
+def test_dry_run_reports_the_cost_and_writes_nothing(tmp_path, capsys):
+    from epd_solver.cli import main
+
+    out = tmp_path / "t.safetensors"
+    assert main(["distill", "--model", "gmm:digits", "--nfe", "5", "--out", str(out), "--dry-run",
+                 "--budget", "150000", "--cache-dir", str(tmp_path / "c")]) == 0
+    text = capsys.readouterr().out
+    assert "cost: ~" in text and "model evaluations" in text and "ms per evaluation" in text
+    assert "dry run: nothing distilled" in text and not out.exists() and not (tmp_path / "c").exists()

@@ -52,7 +52,7 @@ def test_schedule_option_is_checked():
     assert make_config("epd", 5, recipe="official").schedule == "time_uniform"
 
 
-SEL = dict(OPTS, lbfgs_rounds=3, select_noises=64)
+SEL = dict(OPTS, lbfgs_rounds=3, select_noises=64, select_after=2, finalists=0)  # every init of the best grid goes on
 
 
 def test_selection_keeps_the_best_grid_after_two_rounds_and_its_inits_go_on_as_if_uninterrupted(tmp_path):
@@ -114,10 +114,12 @@ def test_selection_options_are_checked(tmp_path):
         make_config("epd", 5, select_noises=64, optimizer="adam")
     with pytest.raises(ValueError, match="select_noises must be an integer >= 0"):
         make_config("epd", 5, select_noises="many")
-    # the default recipe: a selection set of 8 noises per trajectory picks among grids x inits; without a
-    # selection set (or with Adam, which has no rounds to stop after) it starts from the deterministic init
+    # the default recipe: a selection set of 2 noises per trajectory picks among grids x inits after one round
+    # and the best one finishes; without a selection set (or with Adam, which has no rounds to stop after) it
+    # starts from the deterministic init
     cfg = make_config("epd", 5, trajectories=100)
-    assert (cfg.select_noises, cfg.selection_noises, cfg.init, cfg.select_after) == ("auto", 800, "auto", 2)
+    assert (cfg.select_noises, cfg.selection_noises, cfg.init, cfg.select_after, cfg.finalists) == \
+        ("auto", 200, "auto", 1, 1)
     assert make_config("epd", 5, select_noises=0).init == "deterministic"
     adam = make_config("epd", 5, optimizer="adam")
     assert (adam.selection_noises, adam.init) == (0, "deterministic")
@@ -173,3 +175,20 @@ def test_check_set_gives_the_verdict_and_matches_an_independent_rescoring(tmp_pa
     best = min(r["rmse"] for r in k["baselines_rescored"])
     assert k["baseline_rmse"] == best and k["better"] == (err < best)
     assert v["better"] == k["better"] and "validation_better" in v
+
+
+def test_one_finalist_goes_on_as_if_uninterrupted(tmp_path):
+    """The default recipe: every candidate trains one round, only the best on the selection set finishes, and
+    it equals an uninterrupted run of it alone."""
+    gm = digits_mixture()
+    one = dict(OPTS, lbfgs_rounds=3, select_noises=64, select_after=1, finalists=1)
+    p = distill(gm, "epd", 5, cache_dir=tmp_path, init="auto", **one)
+    sel = p.meta["grid_selection"]
+    lead = min(range(len(sel["candidates"])), key=lambda j: (sel["candidates"][j]["val_rmse"], j))
+    c = sel["candidates"][lead]
+    assert sel["finished"] is None and (p.meta["schedule"], p.meta["init"]) == (c["schedule"], c["init"])
+    alone = distill(gm, "epd", 5, cache_dir=tmp_path, schedule=c["schedule"], schedule_kwargs=c["schedule_kwargs"],
+                    init=c["init"], **one)
+    assert alone.meta["training"]["history"][0]["val_rmse"] == pytest.approx(c["val_rmse"], rel=1e-12)
+    for a, b in zip(alone.natural(), p.natural()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -40,6 +40,11 @@ def add_parser(sub) -> None:
                    help="named defaults (default: default); the options below override single settings")
     p.add_argument("--out", required=True, help="parameter file to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--budget", help="model evaluations (e.g. 200000), a duration of model time at the speed "
+                   "measured on your model (90s, 10min, 1h), 'auto' (the default recipe's: 600000 evaluations and "
+                   "20 s of model time) or 'off': the default recipe's trajectories, validation and candidates shrink to fit")
+    p.add_argument("--dry-run", action="store_true", help="print the settings and the estimated cost (evaluations "
+                   "per phase, measured seconds per evaluation, model time) and stop, without distilling")
     p.add_argument("--allow-worse", action="store_true",
                    help="write the table even when it loses to the best training-free solver (exit 0)")
     g = p.add_argument_group("solver and grid (default: the recipe's)")
@@ -94,6 +99,8 @@ def add_parser(sub) -> None:
                    help="L-BFGS rounds every candidate trains before the grid of the best one is kept; its inits "
                         "then finish and the selection set picks one (default 2; the number of rounds or more: "
                         "every candidate trains in full)")
+    g.add_argument("--finalists", type=int, help="candidates that finish after --select-after rounds (default "
+                   "recipe: 1, the best; 0: every init on the best grid)")
     g.add_argument("--val-every", type=int)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("files")
@@ -163,7 +170,8 @@ def _run(args, main: bool) -> int:
                    progressive=args.progressive, learn_grid=args.learn_grid, loss=args.loss,
                    feature_weight=args.feature_weight, rollout=args.rollout, bptt=args.bptt,
                    val_trajectories=args.val_trajectories, val_every=args.val_every, seed=args.seed,
-                   select_noises=args.select_noises, select_after=args.select_after)
+                   select_noises=args.select_noises, select_after=args.select_after, finalists=args.finalists,
+                   budget=args.budget)
     if args.rho is not None:
         if args.schedule in (None, "auto"):
             raise ValueError("--rho needs --schedule polynomial or time_uniform (the default recipe's grid is "
@@ -185,6 +193,21 @@ def _run(args, main: bool) -> int:
     from .conditioning import conditioning_of
 
     cond = conditioning_of(load_model(args.model), args)  # named errors before any work
+    if args.dry_run:
+        from ..distillation import plan
+
+        p = plan(cond.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
+                 conditions=cond.conditions, cache=not args.no_cache, feature=feature, progress=False, **options)
+        if main:
+            c = p["config"]
+            print(p["line"])
+            print(f"settings: {c['trajectories']} trajectories, {c['val_trajectories']} validation noises, "
+                  f"selection set {c['select_noises'] if c['select_noises'] != 'auto' else 'auto'}, grid "
+                  f"{c['schedule']}, init {c['init']}, teacher {c['teacher']} M={c['teacher_points']}, "
+                  f"{c['optimizer']} {c['lbfgs_rounds']}x{c['lbfgs_iterations']}" if c["optimizer"] == "lbfgs" else
+                  f"settings: {c['trajectories']} trajectories, adam {c['epochs']} epoch(s) of batch {c['batch']}")
+            print("dry run: nothing distilled, nothing written")
+        return 0
     params = distill(cond.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
                      conditions=cond.conditions,
                      cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,

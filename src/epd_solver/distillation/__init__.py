@@ -5,19 +5,21 @@ orchestration, one question per module: ``datasets`` (which data sets and refere
 conditions, the teacher and its refinement, the selection and check sets), ``candidates`` (which (grid, init)
 candidates, their starting tables and how one is chosen), ``api`` (how one run goes: each candidate trained, the
 winner's parameter file and record), ``verdict`` (the comparison with the best training-free solver and its report
-line). The pieces they use: teacher trajectories on a refined grid with an on-disk cache (``teacher``, ``cache``),
+line), ``cost`` / ``estimate`` / ``budget`` (what a run spends in model evaluations, what it will spend before
+it starts, and how a budget scales the default recipe; ``plan`` returns the estimate without the work). The pieces
+they use: teacher trajectories on a refined grid with an on-disk cache (``teacher``, ``cache``),
 the differentiable student (``student``), losses (``losses``), the training loop with validation and checkpoints
 (``train``), the training-free field (``validate``) and the named recipes (``config``).
 """
 
-from .api import DistillRun, distill, report_line, warm_start
+from .api import DistillRun, distill, plan, report_line, warm_start
 from .cache import DiskCache, default_cache_dir, model_fingerprint
 from .config import RECIPES, DistillConfig, make_config, recipe_defaults
 from .losses import LOSSES, DistillLoss
 from .student import Student
 from .teacher import TeacherSpec, run_teacher, teacher_grid
 
-__all__ = ["distill", "DistillRun", "report_line", "warm_start", "DiskCache", "default_cache_dir",
+__all__ = ["distill", "plan", "DistillRun", "report_line", "warm_start", "DiskCache", "default_cache_dir",
            "model_fingerprint", "RECIPES", "DistillConfig", "make_config", "recipe_defaults", "LOSSES",
            "DistillLoss", "Student", "TeacherSpec", "run_teacher", "teacher_grid"]
 

@@ -30,7 +30,7 @@ from .train import TrainData, Trainer
 from .validate import is_exact_problem
 from .verdict import CHECK_BASELINES, Verdict, per_condition, report_line
 
-__all__ = ["distill", "DistillRun", "checkpoint_paths", "warm_start", "report_line", "per_condition",
+__all__ = ["distill", "plan", "DistillRun", "checkpoint_paths", "warm_start", "report_line", "per_condition",
            "TRAIN_SEED_STRIDE", "SELECTION_SEED_BASE", "CHECK_SEED_BASE", "CHECK_BASELINES", "CONVERGENCE_SUBSET",
            "EXACT_RTOL"]
 
@@ -77,6 +77,26 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
                       **options).run(
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
         on_iteration=on_iteration)
+
+
+def plan(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", **kwargs: Any) -> dict[str, Any]:
+    """What ``distill`` with the same arguments would do and cost, without doing it: its settings (after the
+    budget), the estimated model evaluations per phase (cold cache) and the measured seconds per evaluation
+    with the model time they make (a few evaluations of the model, counted in ``estimate["phases"]["probe"]``)."""
+    from .estimate import describe, measure_seconds, model_seconds
+
+    for name in ("checkpoint", "checkpoint_every", "resume", "init_from", "on_iteration"):
+        kwargs.pop(name, None)
+    run = DistillRun(model, solver, nfe, recipe=recipe, **kwargs)
+    seconds = (run.budget or {}).get("seconds")
+    if seconds is None:
+        with run.meter.phase("probe"):
+            seconds = measure_seconds(run)
+    from .estimate import estimate
+
+    est = estimate(run)
+    return {"config": run.cfg.as_dict(), "estimate": est, "seconds": seconds, "model_seconds": model_seconds(est, seconds),
+            "budget": run.budget, "line": describe(est, seconds) + (f"; {run.budget['note']}" if run.budget else "")}
 
 
 def _freeze(model: Any) -> list[tuple[torch.nn.Parameter, bool]]:
@@ -157,35 +177,47 @@ class DistillRun(DataSets, Candidates, Verdict):
         self.teacher_seconds = 0.0
         self.selection_seconds = 0.0
         self._field: list[dict[str, Any]] | None = None
-        c = self.cfg
-        self.grids = candidate_grids(c)  # the candidates
-        self.use_grid(*self.grids[0])
-        self.train_seeds = SeedRange(c.seed * TRAIN_SEED_STRIDE, c.trajectories)
-        self.val_seeds = SeedRange(VALIDATION_SEED_BASE, c.val_trajectories)
         from .. import distributed as dist_utils
 
         world = dist_utils.world_size()
         self.data_parallel = world > 1 if data_parallel is None else bool(data_parallel)
         if self.data_parallel and world < 2:
             raise ValueError("data_parallel=True needs a torch.distributed group of several processes (torchrun)")
-        if self.data_parallel and c.trajectories < world:
-            raise ValueError(f"{c.trajectories} training trajectories cannot be shared by {world} processes")
-        if not self.data_parallel:
-            world = 1
-        self.processes = world
-        sizes = dist_utils.row_split(c.trajectories, world)
-        me = dist_utils.rank() if self.data_parallel else 0
-        self.shard = (sum(sizes[:me]), sum(sizes[:me + 1]))  # this rank's training trajectories (global indices)
+        self.processes = world if self.data_parallel else 1
         # every call of the model from here on is counted by phase (``cost``); ``target`` is the model itself
         self.meter = EvaluationMeter()
         self.target = model
         self.network_multiplier = int(getattr(model, "cfg_multiplier", 1))
         self.model = self.meter.wrap(model)
+        self.val_seeds = SeedRange(VALIDATION_SEED_BASE, self.cfg.val_trajectories)
+        self.budget = None
+        if self.cfg.budget not in (None, "off"):  # the recipe's parts scaled to the budget (``budget``)
+            from .budget import fit_budget
+
+            self.budget = fit_budget(self, solver, nfe, recipe, options)
+            self.cfg = self.budget.pop("config")
+        c = self.cfg
+        self.grids = candidate_grids(c)  # the candidates
+        self.use_grid(*self.grids[0])
+        self.train_seeds = SeedRange(c.seed * TRAIN_SEED_STRIDE, c.trajectories)
+        self.val_seeds = SeedRange(VALIDATION_SEED_BASE, c.val_trajectories)
+        if self.data_parallel and c.trajectories < world:
+            raise ValueError(f"{c.trajectories} training trajectories cannot be shared by {world} processes")
+        sizes = dist_utils.row_split(c.trajectories, self.processes)
+        me = dist_utils.rank() if self.data_parallel else 0
+        self.shard = (sum(sizes[:me]), sum(sizes[:me + 1]))  # this rank's training trajectories (global indices)
+        from .estimate import estimate
+
+        self.plan = estimate(self)  # what the run will spend, for a cold cache (logged at the start)
 
     # -- the run ------------------------------------------------------------------------------------------
     def run(self, checkpoint=None, checkpoint_every: int = 50, resume: bool = False, init_from: Any = None,
             on_iteration=None) -> EPDParams:
         t0 = time.perf_counter()
+        from .estimate import describe
+
+        self.log(describe(self.plan, (self.budget or {}).get("seconds"))
+                 + (f"; {self.budget['note']}" if self.budget else ""))
         for path in checkpoint_paths(checkpoint, len(self.grids)):
             if path is not None and not resume and path.exists():
                 raise FileExistsError(f"checkpoint {path} exists: pass resume=True (--resume) to continue it")
@@ -276,8 +308,11 @@ class DistillRun(DataSets, Candidates, Verdict):
                        "teacher_evaluations_this_run": self.teacher_evaluations,
                        "cache_hits": self.cache.hits, "cache_misses": self.cache.misses},
             "validation": validation,
-            "evaluations": self.meter.as_dict(self.network_multiplier, self.processes),
+            "evaluations": dict(self.meter.as_dict(self.network_multiplier, self.processes),
+                                estimate=self.plan),
         }
+        if self.budget is not None:
+            meta["budget"] = self.budget
         conditioning = self.conditioning_record()
         if conditioning is not None:
             meta["conditioning"] = conditioning

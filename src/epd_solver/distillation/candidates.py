@@ -99,6 +99,9 @@ class Candidates:
             rounds = f"after {c.select_after} round{'s' * (c.select_after > 1)}"
             best, early = self._select_grid(runs, outcomes, note=rounds, until=until)
             same = [j for j, r in enumerate(runs) if r["grid"][:2] == runs[best]["grid"][:2]]  # (schedule, kwargs)
+            if c.finalists:  # only the best candidates so far go on (by their score after select_after rounds)
+                same = sorted(sorted(range(len(runs)), key=lambda j: (early["candidates"][j]["val_rmse"], j))
+                              [:c.finalists])
             for j in same:
                 outcomes[j] = runs[j]["trainer"].run()
             for r in runs:
@@ -111,7 +114,8 @@ class Candidates:
                 final = None
             selection = {"candidates": early["candidates"], "after_rounds": c.select_after,
                          "scored": f"selection set after {c.select_after} of {c.lbfgs_rounds} rounds; the "
-                                   "candidates on the best grid then trained in full and scored again",
+                                   + (f"best {c.finalists} then trained in full" if c.finalists else
+                                      "candidates on the best grid then trained in full") + " and scored again",
                          "finished": final["candidates"] if final else None}
         elif len(runs) > 1:  # no selection set: the validation noises, against one reference for all grids
             best, selection = self._select_grid(runs, outcomes, common=self._common_scores(runs, outcomes, val_x0))

@@ -35,8 +35,9 @@ INIT_CANDIDATES = ("deterministic", "end")
 # mixture 0.009 RMSE to the exact end points and no sample in the wrong cluster of 2000;
 # benchmarks/results/synthetic_probe.md).
 SELECTION_REFERENCE = ("dpmpp_3m", "polynomial", {"rho": 7.0}, 21)
-# select_noises="auto" (the default recipe): this many selection noises per training trajectory (4096 for 512).
-SELECTION_PER_TRAJECTORY = 8
+# select_noises="auto" (the default recipe): this many selection noises per training trajectory (1024 for 512;
+# 8 per trajectory chose the same tables on gmm:digits, benchmarks/results/distill_cost.md).
+SELECTION_PER_TRAJECTORY = 2
 
 
 @dataclasses.dataclass
@@ -77,10 +78,12 @@ class DistillConfig:
     val_trajectories: int = 128
     select_noises: int | str = 0
     select_after: int = 2
+    finalists: int = 0
     val_every: int = 50
     compare: bool = True
     exact_check: bool = True
     seed: int = 0
+    budget: int | str | None = None
     recipe: str = "custom"
 
     def __post_init__(self):
@@ -131,6 +134,7 @@ class DistillConfig:
                      "val_trajectories", "val_every", "select_after"):
             positive_int(name, getattr(self, name))
         positive_int("seed", self.seed, 0)
+        positive_int("finalists", self.finalists, 0)
         if self.select_noises != AUTO and (isinstance(self.select_noises, bool)
                                            or not isinstance(self.select_noises, int) or self.select_noises < 0):
             raise ValueError(f"select_noises must be an integer >= 0 or 'auto', got {self.select_noises!r}")
@@ -140,6 +144,10 @@ class DistillConfig:
         if self.init == AUTO and not self.selection_noises:
             raise ValueError(f"init='auto' (each candidate grid from each of {INIT_CANDIDATES}) needs select_noises "
                              "> 0: the 128 validation noises cannot choose among inits (synthetic_probe.md)")
+        if self.budget is not None:
+            from .budget import parse_budget
+
+            parse_budget(self.budget)  # BudgetError (a ValueError) naming the forms
         if self.seed >= 100 or self.trajectories > 10_000_000:
             raise ValueError("seed must be < 100 and trajectories <= 10^7 (training seeds stay below the "
                              "validation range)")
@@ -194,8 +202,8 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
                     rollout="teacher_forced", bptt="detached", plugin_order=None)
     # default: see benchmarks/results/distill_recipes_digits.md and _synthetic.md
     return dict(schedule=AUTO, schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
-                init=AUTO, select_noises=AUTO, select_after=2, scale_dir=0.05, scale_time=0.05, teacher="dpm_2",
-                teacher_points=AUTO,
+                init=AUTO, select_noises=AUTO, select_after=1, finalists=1, scale_dir=0.05, scale_time=0.05, teacher="dpm_2",
+                teacher_points=AUTO, teacher_tolerance=0.3, teacher_max_points=7, budget="auto",
                 teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
                 lr_floor=0.0, trajectories=512, batch=128, lbfgs_rounds=4, lbfgs_iterations=15, progressive=True,
                 plugin_order=3 if solver == "epd_plugin" else (4 if solver == "amed_plugin" else None))

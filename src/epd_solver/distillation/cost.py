@@ -7,6 +7,7 @@ actually runs (a hook on the output), since it costs about two forward passes.
 
 Phases (the innermost one named at the call wins):
 
+- ``probe``: the few evaluations that time the model for a budget given as a duration;
 - ``teacher``: teacher trajectories (training and validation sets, the refinement check);
 - ``references``: the selection and check sets' reference solver (and a reference shared by candidate grids);
 - ``exact``: exact end points of a closed-form problem (adaptive DOP853, validation only);
@@ -25,7 +26,7 @@ import torch
 
 __all__ = ["PHASES", "EvaluationMeter", "MeteredModel"]
 
-PHASES = ("teacher", "references", "exact", "baselines", "training", "validation", "verdict")
+PHASES = ("probe", "teacher", "references", "exact", "baselines", "training", "validation", "verdict")
 
 
 class EvaluationMeter:

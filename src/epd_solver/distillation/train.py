@@ -44,7 +44,7 @@ CHECKPOINT_FORMAT = "epd-distill-checkpoint"
 
 
 # fields that do not change the trained tables (a run may be resumed with other values)
-_UNTRAINED_FIELDS = {"compare", "exact_check"}
+_UNTRAINED_FIELDS = {"compare", "exact_check", "budget"}  # a budget acts through the sizes it chose
 
 
 class CheckpointError(ValueError):

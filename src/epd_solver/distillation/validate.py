@@ -17,9 +17,13 @@ from ..sampling import get_sampler, grid_points_for_nfe, list_samplers, sampler_
 from ..schedules import get_sigmas
 from .conditions import merge_rows
 
-__all__ = ["SWEEP_SCHEDULES", "BaselineConfig", "baseline_configs", "run_baselines", "score_baselines", "rmse", "rmse_per_sample",
+__all__ = ["SWEEP_SCHEDULES", "FIELD_LEAVES_OUT", "BaselineConfig", "baseline_configs", "run_baselines", "score_baselines", "rmse", "rmse_per_sample",
            "ratio_interval", "is_exact_problem", "exact_reference"]
 
+# ParaDiGMS at a field's Para.NFE: on grids this coarse its Picard passes accept one point each and return Euler's
+# end point (in the field) at many times its evaluations (88 at Para.NFE 5, a third of the field's cost);
+# ``epd bench`` still compares it (benchmarks/README.md)
+FIELD_LEAVES_OUT = ("paradigms",)
 SWEEP_SCHEDULES: dict[str, tuple[str, dict[str, Any]]] = {
     "polynomial7": ("polynomial", {"rho": 7.0}),
     "logsnr": ("logsnr", {}),
@@ -102,11 +106,13 @@ def _items(d: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def baseline_configs(nfe: int, solvers: list[str] | None = None, sweep: bool = True) -> list[BaselineConfig]:
-    """The training-free field at Para.NFE ``nfe`` (see the module docstring)."""
+    """The training-free field at Para.NFE ``nfe`` (see the module docstring); by default every training-free
+    solver but ``FIELD_LEAVES_OUT``."""
     from ..solvers import paper_setting
     from ..solvers.settings import PAPER_ROWS
 
-    names = solvers if solvers is not None else list_samplers(learned=False)
+    names = solvers if solvers is not None else [n for n in list_samplers(learned=False)
+                                                 if n not in FIELD_LEAVES_OUT]
     out: list[BaselineConfig] = []
     for name in names:
         if name in PAPER_ROWS:

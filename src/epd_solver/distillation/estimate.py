@@ -1,0 +1,202 @@
+"""What a distillation will cost before it starts: the model evaluations of each phase (the phases of
+``cost``) predicted from its settings for a cold cache, and seconds from one measured evaluation.
+
+Exact for every phase but two: the training rollouts (an L-BFGS step takes one or more evaluations of the
+loss, ``LBFGS_EVALS_PER_STEP`` on average, measured) and the exact end points of a closed-form problem
+(adaptive; left out). Under ``teacher_points="auto"`` the refinement stops where the teacher converges, which
+is known only once it ran: the estimate assumes the cached choice when there is one, else
+``ASSUMED_TEACHER_POINTS`` (capped by ``teacher_max_points``), and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from .config import AUTO, SELECTION_REFERENCE
+from .datasets import CONVERGENCE_SUBSET
+from .verdict import CHECK_BASELINES
+
+__all__ = ["estimate", "measure_seconds", "model_seconds", "LBFGS_EVALS_PER_STEP", "ASSUMED_TEACHER_POINTS", "describe"]
+
+LBFGS_EVALS_PER_STEP = 1.25  # loss evaluations per accepted L-BFGS step (backtracking); 1.24 measured on gmm:digits
+# teacher_points="auto": the M the refinement reached on gmm:digits (Para.NFE 5) at a tolerance of at most / above 0.1
+ASSUMED_TEACHER_POINTS = {0.1: 15, 0.3: 7}
+
+
+def _teacher_ladder(c, auto: bool, chosen: int) -> list[int]:
+    """The M values the refinement check runs on its subset: 3, 7, ... up to the chosen M, then 2M + 1 (unless
+    the refinement stopped at ``teacher_max_points`` there)."""
+    if not auto:
+        return [chosen, 2 * chosen + 1]
+    ladder = [3]
+    while ladder[-1] < chosen:
+        ladder.append(2 * ladder[-1] + 1)
+    return ladder if 2 * chosen + 1 > c.teacher_max_points else ladder + [2 * chosen + 1]
+
+
+def _assumed_points(c) -> tuple[int, str]:
+    if c.teacher_points != AUTO:
+        return int(c.teacher_points), "fixed"
+    m, cap = 3, c.teacher_max_points
+    assumed = ASSUMED_TEACHER_POINTS[0.1] if c.teacher_tolerance <= 0.1 else ASSUMED_TEACHER_POINTS[0.3]
+    while m < assumed and 2 * m + 1 <= cap:
+        m = 2 * m + 1
+    return m, "assumed"
+
+
+def _field_per_noise(run, c) -> float:
+    """Evaluations per noise of the training-free field at this Para.NFE (each configuration spends Para.NFE)."""
+    from .validate import baseline_configs
+
+    return sum(c.nfe for b in baseline_configs(c.nfe)
+               if not (b.afs and not getattr(run.model, "afs_allowed", True)))
+
+
+def estimate(run, cfg=None) -> dict[str, Any]:
+    """Predicted evaluations (forward, backward) per phase of ``run`` (a ``DistillRun``) with its config or
+    ``cfg``, cold cache; the probe that timed the model (a budget given as a duration), already spent, included."""
+    from ..sampling import sampler_spec
+    from .candidates import candidate_grids
+
+    c = cfg or run.cfg
+    steps = c.n_points - 1
+    per_traj = steps * (c.branches + 1) - int(c.afs)  # student evaluations per trajectory
+    t_all, v = c.trajectories, c.val_trajectories
+    s = c.selection_noises
+    check = max(1, s // 2) if s else 0
+    world = run.processes
+    candidates = candidate_grids(c)
+    grids = {(g[0], repr(sorted(g[1].items()))) for g in candidates}
+    n_cand = len(candidates)
+    inits = n_cand // len(grids)
+    fwd = dict.fromkeys(("teacher", "references", "baselines", "training", "validation", "verdict"), 0.0)
+    bwd = dict(training=0.0)
+
+    # teacher: training and validation sets at the chosen M, the refinement check on a subset; one per grid
+    m, how = _assumed_points(c)
+    rps = int(sampler_spec(c.teacher).rounds_per_step)
+    cost = lambda points: rps * (points + 1) * steps  # noqa: E731
+    n_sub = min(CONVERGENCE_SUBSET, v)
+    ladder = _teacher_ladder(c, c.teacher_points == AUTO, m)
+    shared = v == n_sub and run.cache.enabled  # the validation set is the check's subset: computed once
+    per_grid = t_all * cost(m) + world * ((0 if shared else v * cost(m)) + n_sub * sum(cost(p) for p in ladder))
+    fwd["teacher"] = len(grids) * per_grid
+
+    # references of the selection and check sets (or one shared by several grids without a selection set)
+    ref_evals = SELECTION_REFERENCE[3] - 1
+    if s:
+        fwd["references"] = (s + check) * ref_evals
+    elif n_cand > 1:
+        fwd["references"] = v * ref_evals
+
+    # training-free field on the validation noises, and its best rescored on the check set
+    fwd["baselines"] = world * v * _field_per_noise(run, c) + (CHECK_BASELINES * check * c.nfe if s else 0)
+
+    # training and the validations during it
+    if c.optimizer == "lbfgs":
+        rounds = c.lbfgs_rounds
+        sizes = [run_round_size(c, j) for j in range(rounds)]
+        loss_evals = 1 + c.lbfgs_iterations * LBFGS_EVALS_PER_STEP
+        halving = bool(s) and len(grids) > 1 and c.select_after < rounds
+        first = min(c.select_after, rounds) if halving else rounds
+        finishing = min(c.finalists, n_cand) if c.finalists else inits
+        rows = n_cand * sum(sizes[:first]) + (finishing * sum(sizes[first:]) if halving else 0)
+        fwd["training"] = rows * loss_evals * per_traj
+        val_set = s if s else v
+        if s:  # validated from round select_after on (its end included)
+            start = min(c.select_after, rounds)
+            validations = n_cand * (rounds - start + 1) if not halving else n_cand + finishing * (rounds - start)
+        else:  # at the start and after every round
+            validations = n_cand * (1 + rounds)
+        fwd["validation"] = world * validations * val_set * per_traj
+        if not s and n_cand > 1:  # each candidate's best rescored against the shared reference
+            fwd["validation"] += world * n_cand * v * per_traj
+        if c.restarts > 1:  # one short round per extra start (on all trajectories), validated
+            fwd["training"] += n_cand * c.restarts * t_all * loss_evals * per_traj
+            fwd["validation"] += world * n_cand * c.restarts * 2 * val_set * per_traj
+    else:  # Adam: one update per batch, validated at the start, every val_every updates and at the end
+        fwd["training"] = n_cand * c.epochs * t_all * per_traj
+        iters = c.iterations
+        validations = 1 + iters // c.val_every + (1 if iters % c.val_every else 0)
+        fwd["validation"] = world * n_cand * validations * v * per_traj
+    bwd["training"] = fwd["training"]
+
+    # verdict: the chosen tables on the validation and check sets
+    if c.compare:
+        fwd["verdict"] = world * v * per_traj + (check * per_traj if s else 0)
+    else:
+        fwd["baselines"] = 0.0
+    phases = {p: {"forward": int(round(fwd[p])), "backward": int(round(bwd.get(p, 0)))} for p in fwd if fwd[p]}
+    if run.meter.forward["probe"]:
+        phases = {"probe": {"forward": run.meter.forward["probe"], "backward": run.meter.backward["probe"]}, **phases}
+    f = sum(x["forward"] for x in phases.values())
+    b = sum(x["backward"] for x in phases.values())
+    return {"phases": phases, "forward": f, "backward": b, "total": f + b, "teacher_points": m,
+            "teacher_points_source": how, "evaluations_per_trajectory": per_traj,
+            "not_estimated": ["exact"] if run.exact and c.compare and c.exact_check else []}
+
+
+def run_round_size(c, j: int) -> int:
+    """Trajectories of L-BFGS round ``j`` (as ``Trainer._round_size``)."""
+    if not c.progressive:
+        return c.trajectories
+    return max(min(c.trajectories, c.batch), math.ceil(c.trajectories / 2 ** (c.lbfgs_rounds - 1 - j)))
+
+
+def measure_seconds(run, rows: int | None = None, repeats: int = 2) -> dict[str, float]:
+    """Seconds per evaluation of ``run``'s model on its device: a forward of ``rows`` samples without
+    gradients, and the extra time of a backward through it (the best of ``repeats`` after one warm-up)."""
+    rows = rows or run._rows_per_batch(64)
+    x = run.starts(type(run.val_seeds)(run.val_seeds.start, rows))
+    sigma = torch.full((rows,), float(run.sigma_max) * 0.5, dtype=x.dtype, device=x.device)
+    cond = run.rows_for(type(run.val_seeds)(run.val_seeds.start, rows)) or {}
+    args = {**run.extra_args, **cond}
+    model = run.model  # metered: the probe's evaluations are counted (phase ``probe``)
+
+    def forward() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(x, sigma, **args)
+        return time.perf_counter() - t
+
+    def backward() -> float:
+        xg = x.detach().clone().requires_grad_(True)
+        t = time.perf_counter()
+        with torch.enable_grad():  # gradients to the input only: the model's own parameters are left alone
+            torch.autograd.grad(model(xg, sigma, **args).square().sum(), xg)
+        return time.perf_counter() - t
+
+    forward()
+    tf = min(forward() for _ in range(repeats))
+    backward()
+    tb = min(backward() for _ in range(repeats))
+    return {"rows": rows, "forward_s": tf / rows, "backward_s": max(tb - tf, 0.0) / rows}
+
+
+def model_seconds(est: dict[str, Any], seconds: dict[str, float]) -> float:
+    """Model time of an estimate at measured seconds per forward and per backward evaluation."""
+    return est["forward"] * seconds["forward_s"] + est["backward"] * seconds["backward_s"]
+
+
+def describe(est: dict[str, Any], seconds: dict[str, float] | None = None) -> str:
+    """The line printed before a distillation (and by ``--dry-run``)."""
+    parts = ", ".join(f"{p} {v['forward'] + v['backward']:,}" for p, v in est["phases"].items())
+    line = (f"cost: ~{est['total']:,} model evaluations ({est['forward']:,} forward + {est['backward']:,} backward; "
+            f"{parts}; teacher M = {est['teacher_points']} {est['teacher_points_source']})")
+    if seconds:
+        eta = model_seconds(est, seconds)
+        line += (f"; measured {seconds['forward_s'] * 1e3:.3g} ms per evaluation (+{seconds['backward_s'] * 1e3:.3g} ms "
+                 f"backward): model time ~{_duration(eta)}")
+    return line
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
