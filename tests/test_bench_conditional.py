@@ -46,6 +46,13 @@ def fd(x, mu, cov):
     return np.sum((m - mu) ** 2) + np.trace(c + cov - 2 * scipy.linalg.sqrtm(c @ cov).real)
 
 
+def fd_singular(x, mu, cov):
+    """The same distance for singular covariances: Tr sqrtm(C1 C2) = sum of sqrt(eigenvalues of C1 C2) (real, >= 0)."""
+    m, c = x.mean(0), np.cov(x, rowvar=False)
+    root = np.sqrt(np.clip(np.linalg.eigvals(c @ cov).real, 0, None)).sum()
+    return np.sum((m - mu) ** 2) + np.trace(c) + np.trace(cov) - 2 * root
+
+
 def config(tmp_path, labels="0-9", w=W, **kw):
     return BenchConfig(**{**dict(model="gmm:digits-cond", nfe=(5,), solvers="euler,ipndm", out=None, distill=False,
                                  samples=SAMPLES, seed=SEED, cache_dir=str(tmp_path / "cache"), grid_samples=4,
@@ -196,3 +203,39 @@ def test_bench_with_prompts_equals_kdiffusion_with_the_pipelines_own_embeddings(
 
     assert result["rows"][0]["rmse"] == pytest.approx(rmse_for([0, 1, 2]), rel=1e-9)
     assert abs(rmse_for([2, 1, 0]) - result["rows"][0]["rmse"]) > 1e-3 * result["rows"][0]["rmse"]
+
+
+def test_digits_cond_unet_frechet_distance_per_class_against_the_labelled_digits():
+    """The bundled U-Net: its DDIM row recomputed with k-diffusion (CFG by hand) and compared with scikit-learn's
+    digits of each sample's label, per class and mixed in the samples' label proportions."""
+    from sklearn.datasets import load_digits
+
+    from epd_solver.resolve import load_model
+
+    cfg = BenchConfig(model="digits-cond", nfe=(3,), solvers="euler", out=None, samples=SAMPLES, seed=SEED,
+                      cache_dir="", quiet=True, class_labels="0-9", guidance_scale=W, ref_steps=4)
+    row = run_bench(cfg, log=lambda m: None)["rows"][0]
+    net = load_model("digits-cond")
+    y = torch.tensor([(SEED + i) % 10 for i in range(SAMPLES)])
+    ramp = torch.linspace(0, 1, 4, dtype=torch.float64)
+    lo, hi = float(net.sigma_min), float(net.sigma_max)
+    sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+
+    def guided(x, sigma):
+        with torch.no_grad():
+            d_c = net(x, sigma, class_labels=y).to(torch.float64)
+            d_u = net(x, sigma, class_labels=torch.full_like(y, 10)).to(torch.float64)
+        return d_u + W * (d_c - d_u)
+
+    x0 = (noise(SAMPLES, SEED) * float(net.prior_scale) / 80.0).reshape((SAMPLES,) + tuple(net.shape))
+    out = kdiffusion_sampling().sample_euler(guided, x0, sigmas, disable=True).reshape(SAMPLES, -1).numpy()
+    digits = load_digits()
+    data, labels = digits.data / 8.0 - 1.0, digits.target
+    moments = {c: (data[labels == c].mean(0), np.cov(data[labels == c], rowvar=False)) for c in range(10)}
+    for c in (3, 4):
+        assert row["fd_per_class"][str(c)] == pytest.approx(fd_singular(out[(y == c).numpy()], *moments[c]),
+                                                            rel=1e-5)
+    weights = {c: int((y == c).sum()) / SAMPLES for c in range(10)}
+    mu = sum(weights[c] * moments[c][0] for c in range(10))
+    second = sum(weights[c] * (moments[c][1] + np.outer(moments[c][0], moments[c][0])) for c in range(10))
+    assert row["fd"] == pytest.approx(fd_singular(out, mu, second - np.outer(mu, mu)), rel=1e-5)

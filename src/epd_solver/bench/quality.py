@@ -147,7 +147,7 @@ class Quality:
                                   "none per class")
                 return
             self.class_ref = {c: _moments(compute_stats(d.split(1000), self.features)) for c, d in data.items()}
-            where = f"{self.feature_name} features of each class's data"
+            where = f"each class's data ({self.feature_name})"
         counts = {c: int((labels == c).sum()) for c in classes}
         self.fd_ref = _mixed(self.class_ref, {c: k / labels.numel() for c, k in counts.items()})
         self.notes[-1:] = [f"Fréchet distance per class (fd_per_class) against {where}; overall against the classes "
