@@ -239,3 +239,48 @@ def test_digits_cond_unet_frechet_distance_per_class_against_the_labelled_digits
     mu = sum(weights[c] * moments[c][0] for c in range(10))
     second = sum(weights[c] * (moments[c][1] + np.outer(moments[c][0], moments[c][0])) for c in range(10))
     assert row["fd"] == pytest.approx(fd_singular(out, mu, second - np.outer(mu, mu)), rel=1e-5)
+
+
+def test_learned_row_distilled_on_the_fly_over_the_same_labels(tmp_path, monkeypatch):
+    import epd_solver
+    from epd_solver.denoisers import CFGDenoiser
+    from epd_solver.epd import sample_epd
+
+    seen = {}
+    real = epd_solver.distill
+
+    def small(model, **kw):  # the bench's call, with a tiny recipe so the test takes seconds
+        seen.update(kw, model=model)
+        return real(model, **kw, schedule="time_uniform", trajectories=13, val_trajectories=8, lbfgs_rounds=2,
+                    lbfgs_iterations=3, select_noises=0, teacher_points=1, progressive=False, compare=False,
+                    cache=False)
+
+    monkeypatch.setattr(epd_solver, "distill", small)
+    result = run_bench(config(tmp_path, labels="2,5,7", solvers="epd", nfe=(3,), distill=True,
+                              out=str(tmp_path / "out")), log=lambda m: None)
+    assert torch.equal(seen["conditions"]["class_labels"], torch.tensor([2, 5, 7]))
+    assert seen["model"].scale == W
+    saved = EPDParams.load(next((tmp_path / "out" / "params").glob("*.safetensors")))
+    assert saved.meta["conditioning"]["guidance_scale"] == W and saved.meta["conditioning"]["conditions"] == 3
+    gm = digits_cond_mixture()
+    y = torch.tensor([[2, 5, 7][(SEED + i) % 3] for i in range(SAMPLES)])
+    x0 = noise(SAMPLES, SEED)
+    exact = exact_endpoint(cfg_by_hand(gm, y), x0, 80.0, 0.002, rtol=1e-10, atol=1e-10)
+    guided = CFGDenoiser(gm, W, {"class_labels": torch.tensor([10])})
+    out = sample_epd(guided, x0, saved.sigmas, saved, extra_args={"class_labels": y})
+    assert result["rows"][0]["rmse"] == pytest.approx(float((out - exact).pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_command_line_passes_the_conditioning_and_records_it(bench, tmp_path):
+    import json
+
+    _, first, root = bench
+    out = tmp_path / "cli"
+    assert main(["bench", "--model", "gmm:digits-cond", "--class-labels", "0-9", "--guidance-scale", "2", "--nfe", "5",
+                 "--solvers", "euler", "--samples", str(SAMPLES), "--seed", str(SEED), "--no-distill",
+                 "--cache-dir", str(root / "cache"), "--out", str(out), "--quiet"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["reference"]["cached"]  # the same conditioning as the fixture's run: its reference
+    assert saved["rows"][0]["rmse"] == next(r["rmse"] for r in first["rows"] if r["solver"] == "euler")
+    assert saved["config"]["class_labels"] == "0-9" and saved["config"]["guidance_scale"] == 2.0
+    assert saved["conditioning"]["class_labels"] == list(range(10))
