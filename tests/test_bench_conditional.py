@@ -284,3 +284,30 @@ def test_command_line_passes_the_conditioning_and_records_it(bench, tmp_path):
     assert saved["rows"][0]["rmse"] == next(r["rmse"] for r in first["rows"] if r["solver"] == "euler")
     assert saved["config"]["class_labels"] == "0-9" and saved["config"]["guidance_scale"] == 2.0
     assert saved["conditioning"]["class_labels"] == list(range(10))
+
+
+def test_float32_module_with_labels_and_guidance(tmp_path):
+    """A class-conditional `module:function` nn.Module with float32 parameters: guided, then called in float32;
+    the DDIM row equals an Euler loop with CFG written out on the same network."""
+    from tiny_models import TinyCondConvDenoiser
+
+    cfg = BenchConfig(model="tiny_models:tiny_cond_conv", nfe=(3,), solvers="euler", out=None, distill=False,
+                      samples=5, seed=2, cache_dir=str(tmp_path / "cache"), ref_steps=8, quiet=True,
+                      class_labels="0-2", guidance_scale=W)
+    result = run_bench(cfg, log=lambda m: None)
+    assert result["network_dtype"] == "float32" and result["model"].endswith("+cfg2")
+    (ref_file,) = (tmp_path / "cache").glob("reference-*.npz")
+    ref = torch.from_numpy(np.load(ref_file)["x"])
+    net = TinyCondConvDenoiser()
+    y = torch.tensor([(2 + i) % 3 for i in range(5)])
+    ramp = torch.linspace(0, 1, 4, dtype=torch.float64)
+    sigmas = (80.0 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    x = 80.0 * torch.stack([torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(2 + i),
+                                        dtype=torch.float64) for i in range(5)])
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            sig = s.float().expand(5)
+            d_c = net(x.float(), sig, class_labels=y).double()
+            d_u = net(x.float(), sig, class_labels=torch.full_like(y, 3)).double()
+            x = x + (x - (d_u + W * (d_c - d_u))) / s * (s_next - s)
+    assert result["rows"][0]["rmse"] == pytest.approx(float((x - ref).pow(2).mean().sqrt()), rel=1e-6)

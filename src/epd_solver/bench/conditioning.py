@@ -17,6 +17,7 @@ import torch
 
 from ..denoisers import CFGDenoiser
 from ..distillation.conditions import ASSIGNMENT_RULE, tensor_digest
+from .dtype import CastInputs
 
 __all__ = ["bench_conditioning", "sample_seeds", "conditioning_key", "unguided", "record"]
 
@@ -38,9 +39,9 @@ def sample_seeds(seed: int, samples: int) -> list[int]:
 
 
 def unguided(model: Any) -> Any:
-    """The model under any classifier-free guidance wrappers."""
-    while isinstance(model, CFGDenoiser):
-        model = model.inner
+    """The model under any classifier-free guidance and :class:`CastInputs` wrappers."""
+    while isinstance(model, (CFGDenoiser, CastInputs)):
+        model = model.inner if isinstance(model, CFGDenoiser) else model.model
     return model
 
 
@@ -50,7 +51,10 @@ def conditioning_key(model: Any, rows: dict[str, torch.Tensor] | None) -> dict[s
     if rows:
         out["conditions"] = [tensor_digest(rows), ASSIGNMENT_RULE]
     guidance = []
-    while isinstance(model, CFGDenoiser):
+    while isinstance(model, (CFGDenoiser, CastInputs)):
+        if isinstance(model, CastInputs):
+            model = model.model
+            continue
         guidance.append([model.scale, tensor_digest(model.uncond)])
         model = model.inner
     if guidance:
@@ -64,6 +68,6 @@ def record(cond: Any, rows: dict[str, torch.Tensor] | None) -> dict[str, Any] | 
         return None
     rec = {**cond.describe(), "assignment": "sample i has seed s = seed + i and gets row s % n",
            "digest": tensor_digest(rows)}
-    if isinstance(cond.model, CFGDenoiser) and cond.key is not None:
+    if isinstance(cond.model, CFGDenoiser) and cond.key is not None:  # cond.model: before any CastInputs
         rec["null_label"] = int(cond.model.uncond[cond.key].reshape(-1)[0])
     return rec

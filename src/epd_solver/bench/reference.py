@@ -55,11 +55,8 @@ def model_fingerprint(model: Any) -> str:
     """sha256 over the model's name and every tensor / module state it holds (so a retrained model or a
     changed mixture never reuses a stale cache entry). :class:`CastInputs` and classifier-free guidance are
     seen through (the guidance enters through its name and :func:`conditioning_key`)."""
-    from .dtype import CastInputs
-
     h = hashlib.sha256(str(getattr(model, "name", type(model).__name__)).encode())
-    while isinstance(model, CastInputs) or unguided(model) is not model:
-        model = model.model if isinstance(model, CastInputs) else unguided(model)
+    model = unguided(model)
     for key in sorted(vars(model)):
         value = vars(model)[key]
         tensors = value.state_dict().items() if isinstance(value, torch.nn.Module) else \

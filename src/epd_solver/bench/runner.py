@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .conditioning import bench_conditioning, record, sample_seeds
-from .dtype import for_bench
+from .dtype import CastInputs, for_bench
 from .learned import ParamsSource, bundled_params_dir
 from .paradigms_grid import TOLERANCE, calibrate_paradigms, paradigms_sigmas
 from .quality import Quality
@@ -174,10 +174,12 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
             raise ValueError(f"--set {name}.{next(iter(knobs))}: {name!r} is not a training-free solver of this run")
         if name == "paradigms" and not set(knobs) <= {"base_steps", "window", "tolerance"}:
             raise ValueError("--set paradigms takes base_steps, window and tolerance (passes are capped at the NFE)")
-    base, net_dtype = for_bench(load_model(cfg.model), cfg.dtype)
+    base = load_model(cfg.model)  # the model as loaded: its shape, data and sigma range
+    cast, net_dtype = for_bench(base, cfg.dtype)
     cond = bench_conditioning(base, cfg)  # a conditional model without labels, bad labels: before any work
     out = check_out_dir(cfg.out, cfg.force) if cfg.out else None
-    model = cond.model  # guided under --guidance-scale; `base` keeps the shape, the data and the sigma range
+    model = cond.model  # guided under --guidance-scale, then cast like the model itself
+    model = CastInputs(model, cast.dtype) if isinstance(cast, CastInputs) else model
     conds = cond.for_seeds(sample_seeds(cfg.seed, cfg.samples))  # sample i: seed + i, row (seed + i) % n
     model_id = str(getattr(model, "name", cfg.model))
     labels = conds.get(cond.key) if conds is not None and cond.key is not None else None
