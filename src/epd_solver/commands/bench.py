@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
                     "noise; write results.csv/.json/.md (Table 1 layout, cells 'value (evaluations per sample)'), "
                     "error_vs_nfe.png and, for image models, sample grids. Learned solvers load parameter files "
                     "(--params / --params-dir, matched by model id, solver and Para.NFE) or are distilled on the fly. "
-                    "Conditional models take epd sample's flags: sample i (seed + i) gets labels[(seed + i) %% n] "
+                    "Conditional models take epd sample's flags: sample i (seed + i) gets labels[(seed + i) % n] "
                     "(or prompts[...]), the same pairs for every solver and the reference. "
                     "--latency times batched EPD (K = 1, 2, 3) against iPNDM at equal Para.NFE instead.")
     p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
