@@ -118,6 +118,9 @@ def test_conditional_model_without_labels_is_a_named_error_before_any_work(tmp_p
     assert main(["bench", "--model", "gmm:digits-cond", "--nfe", "5", "--class-labels", "3-1", "--out",
                  str(out)]) == 2
     assert "runs backwards" in capsys.readouterr().err and not out.exists()
+    assert main(["bench", "--latency", "--model", "gmm:digits-cond", "--nfe", "5", "--class-labels", "0-9", "--out",
+                 str(out)]) == 2
+    assert "--latency times unconditional calls: drop --class-labels" in capsys.readouterr().err
 
 
 def table(tmp_path, w, name):
