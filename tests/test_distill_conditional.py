@@ -186,9 +186,3 @@ def test_cli_distill_records_labels_and_guidance(tmp_path, capsys):
     api = distill(guided(), "epd", 3, batch=OPTS.get("batch", 128), conditions={"class_labels": torch.tensor(
         [0, 1, 2, 3, 4, 7])}, **dict(OPTS, val_trajectories=12))
     torch.testing.assert_close(tables(EPDParams.load(out)), tables(api), rtol=0, atol=1e-6)
-
-
-def test_cli_bench_refuses_a_conditional_model_before_any_work(tmp_path, capsys):
-    out = tmp_path / "bench"
-    assert cli("bench", "--model", "gmm:digits-cond", "--out", out, "--nfe", 5) == 2
-    assert "gmm:digits-cond is class-conditional (classes 0-9)" in capsys.readouterr().err and not out.exists()

@@ -104,7 +104,7 @@ DISTILL = ["--nfe", "4", "--no-afs", "--trajectories", "4", "--batch", "4", "--v
 
 
 @pytest.mark.parametrize("build", [sd_folder, sd3_folder], ids=["sd", "sd3"])
-def test_distill_with_prompts_then_sample_three_ways(tmp_path, monkeypatch, build):
+def test_distill_with_prompts_then_sample_three_ways(tmp_path, monkeypatch, capsys, build):
     monkeypatch.setenv("EPD_SOLVER_CACHE", str(tmp_path / "cache"))
     folder = build(tmp_path)
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -121,6 +121,11 @@ def test_distill_with_prompts_then_sample_three_ways(tmp_path, monkeypatch, buil
                  "--prompts", str(tmp_path / "prompts.txt"), "--guidance-scale", str(W), "--seeds", "0-3",
                  "--out", str(tmp_path / "s"), "--format", "npy", "--dtype", "float64", "--quiet"]) == 0
     assert list((tmp_path / "cache" / "prompt-embeds").glob("*.safetensors")) == cached  # sample reused it
+    assert main(["sample", "--model", f"diffusers:{folder}", "--solver", "epd", "--params", str(out),
+                 "--prompts", str(tmp_path / "prompts.txt"), "--guidance-scale", str(W), "--seeds", "0-3",
+                 "--negative-prompt", "blurry", "--out", str(tmp_path / "neg"), "--quiet"]) == 2
+    assert "distilled with no negative prompt (the empty prompt), not --negative-prompt 'blurry'" in \
+        capsys.readouterr().err
     cli = torch.from_numpy(np.stack([np.load(tmp_path / "s" / f"{s:06d}.npy") for s in SEEDS]))
 
     pipe = load_diffusers_model(folder).pipeline
@@ -191,3 +196,32 @@ def test_prompt_embeds_file_equals_prompts(tmp_path):
     assert torch.equal(enc.conditions["encoder_hidden_states"], given.conditions["encoder_hidden_states"])
     assert torch.equal(enc.model.uncond["encoder_hidden_states"], given.model.uncond["encoder_hidden_states"])
     assert torch.equal(enc.for_seeds([0, 1, 2, 3])["encoder_hidden_states"], pe[[0, 1, 0, 1]])
+
+
+def test_sample_refuses_another_negative_prompt_than_the_tables(tmp_path, monkeypatch, capsys):
+    """The table records the digest of its unconditional branch (the negative prompt's embeddings) and the text;
+    epd sample with another negative prompt, or none, is refused by name; --allow-guidance-mismatch allows it."""
+    monkeypatch.setenv("EPD_SOLVER_CACHE", str(tmp_path / "cache"))
+    folder = sd_folder(tmp_path)
+    (tmp_path / "prompts.txt").write_text("\n".join(USED) + "\n")
+    table = tmp_path / "t.safetensors"
+    common = ["--model", f"diffusers:{folder}", "--prompts", str(tmp_path / "prompts.txt"), "--guidance-scale", str(W)]
+    assert main(["distill", *common, "--negative-prompt", "blurry", "--out", str(table), *DISTILL]) == 0
+    rec = EPDParams.load(table).meta["conditioning"]
+    assert rec["negative_prompt"] == "blurry" and rec["uncond_digest"] is not None
+    capsys.readouterr()
+
+    def sample_with(*extra, out):
+        return main(["sample", *common, "--solver", "epd", "--params", str(table), "--seeds", "0-1", "--out",
+                     str(tmp_path / out), "--format", "npy", "--quiet", *extra])
+
+    assert sample_with(out="none") == 2
+    err = capsys.readouterr().err
+    assert "distilled with negative prompt 'blurry', not no --negative-prompt" in err
+    assert "--allow-guidance-mismatch" in err and not (tmp_path / "none").exists()
+    assert sample_with("--negative-prompt", "sharp", out="other") == 2
+    assert "not --negative-prompt 'sharp'" in capsys.readouterr().err
+    assert sample_with("--negative-prompt", "blurry", out="same") == 0
+    assert sample_with("--negative-prompt", "sharp", "--allow-guidance-mismatch", out="allowed") == 0
+    a, b = (np.load(tmp_path / d / "000000.npy") for d in ("same", "allowed"))
+    assert np.abs(a - b).max() > 1e-4 * np.abs(a).max()  # the negative prompt reaches the unconditional branch

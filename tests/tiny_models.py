@@ -25,3 +25,22 @@ class TinyConvDenoiser(nn.Module):
 
 def tiny_conv():
     return TinyConvDenoiser()
+
+
+class TinyCondConvDenoiser(TinyConvDenoiser):
+    """The same net plus a label embedding: 3 classes and the null label 3, float32 parameters."""
+
+    num_classes, null_label = 3, 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = nn.Embedding(4, 16)
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        base = super().forward(x, sigma)
+        return base + 0.1 * self.emb(class_labels).reshape(x.shape)
+
+
+def tiny_cond_conv():
+    return TinyCondConvDenoiser()

@@ -112,12 +112,19 @@ def as_denoiser(model: Any, sigma_min: float | None = None, sigma_max: float | N
 
     ``shape`` is the per-sample data shape; with ``sigma_min``/``sigma_max`` it is all the command line needs
     (``epd sample --model mypkg.models:load`` where ``load()`` returns ``as_denoiser(net, 0.002, 80, shape=...)``).
+    Each of ``sigma_min``, ``sigma_max``, ``shape``, ``name`` not given comes from the callable's attribute of
+    that name when it has one (e.g. an nn.Module wrapped by :class:`CFGDenoiser`).
     """
     if isinstance(model, Denoiser):
         return model
     if not callable(model):
         raise TypeError(f"a model must be callable as model(x, sigma, **cond), got {type(model).__name__}")
-    return EDMDenoiser(model, sigma_min, sigma_max, name or getattr(model, "__name__", "callable"), shape=shape)
+    # what is not given comes from the callable's own attributes (an nn.Module with sigma_min, sigma_max, shape)
+    sigma_min = sigma_min if sigma_min is not None else getattr(model, "sigma_min", None)
+    sigma_max = sigma_max if sigma_max is not None else getattr(model, "sigma_max", None)
+    shape = shape if shape is not None else getattr(model, "shape", None)
+    name = name or getattr(model, "name", None) or getattr(model, "__name__", None) or type(model).__name__
+    return EDMDenoiser(model, sigma_min, sigma_max, str(name), shape=None if shape is None else tuple(shape))
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:

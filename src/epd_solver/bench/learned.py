@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import torch
 
 from ..epd import EPDParams, ParamsError
+from ..epd.sampler import base_model_id
 
 __all__ = ["ParamsSource", "bundled_params_dir"]
 
@@ -32,19 +33,24 @@ class ParamsSource:
     """Finds parameters for (solver, Para.NFE) of one model.
 
     Files named with ``--params`` are used when their solver and Para.NFE match (and their model id, if
-    they record one); files in a params directory must also record this model's id. Without a match the
-    row is distilled on the fly with ``epd_solver.distill`` (its default recipe; unless ``distill=False``)
-    and the result is saved under ``save_dir``. :meth:`get` says which happened.
+    they record one); files in a params directory must also record this model's id. Ids compare without a
+    guidance suffix (``+cfgW``): under ``cond`` (the bench's conditioning) a file distilled at another guidance
+    scale than the bench's is refused as ``epd sample`` refuses it (skipped when it sits in a directory),
+    unless ``allow_guidance_mismatch``. Without a match the row is distilled on the fly with
+    ``epd_solver.distill`` (its default recipe, over the same conditions; unless ``distill=False``) and the
+    result is saved under ``save_dir``. :meth:`get` says which happened.
     """
 
     def __init__(self, model: Any, model_id: str, files: Iterable[str | Path] = (), dirs: Iterable[str | Path] = (),
-                 distill: bool = True, save_dir: Path | None = None, log=print):
+                 distill: bool = True, save_dir: Path | None = None, log=print, cond: Any = None,
+                 allow_guidance_mismatch: bool = False):
         self.model, self.model_id, self.distill, self.save_dir, self.log = model, model_id, distill, save_dir, log
+        self.cond, self.allow = cond, allow_guidance_mismatch
         self.table: dict[tuple[str, int], tuple[EPDParams, str]] = {}
         for f in files:
             p = EPDParams.load(f)  # explicit files must load: errors are the user's to see
             have = p.meta.get("model_id")
-            if have is not None and have != model_id:
+            if have is not None and base_model_id(have) != base_model_id(model_id):
                 raise ValueError(f"--params {f}: parameters are for model {have!r}, not {model_id!r}")
             self._add(p, f"file {f}")
         for d in dirs:
@@ -57,10 +63,21 @@ class ParamsSource:
                 except (ParamsError, OSError) as e:
                     self.log(f"  skipping {f}: {e}")
                     continue
-                if p.meta.get("model_id") == model_id:
+                have = p.meta.get("model_id")
+                if have is not None and base_model_id(have) == base_model_id(model_id):
                     self._add(p, f"file {f}", explicit=False)
 
     def _add(self, p: EPDParams, where: str, explicit: bool = True) -> None:
+        if self.cond is not None:
+            from ..commands.conditioning import CLIConditioningError, check_table_guidance
+
+            try:
+                check_table_guidance(p.meta, self.cond, self.allow)
+            except CLIConditioningError as e:
+                if explicit:
+                    raise CLIConditioningError(f"{where}: {e}") from None
+                self.log(f"  skipping {where}: {e}")
+                return
         if not _fits_range(p, self.model):
             msg = (f"{where}: grid {float(p.sigmas[0]):g} .. {float(p.sigmas[-1]):g} does not span the model's "
                    f"sigma range [{self.model.sigma_min:g}, {self.model.sigma_max:g}]")
@@ -87,6 +104,7 @@ class ParamsSource:
         start = time.perf_counter()
         with torch.enable_grad():
             params = distill(self.model, solver=solver, nfe=nfe, progress=False,  # the bench has its own bar
+                             conditions=None if self.cond is None else self.cond.conditions,
                              log=lambda m: self.log(f"  distill: {m}"))
         seconds = time.perf_counter() - start
         how = f"distilled on the fly ({seconds:.1f} s)"

@@ -20,6 +20,7 @@ import torch
 from ..files import write_atomic
 from ..problems import GaussianMixture, exact_endpoint
 from ..resolve import sample_shape
+from .conditioning import conditioning_key, unguided
 
 __all__ = ["start_noise", "model_fingerprint", "is_exact_problem", "Reference", "reference_endpoints",
            "default_cache_dir", "mixture_moments", "cache_key"]
@@ -46,17 +47,16 @@ def start_noise(model: Any, samples: int, seed: int) -> torch.Tensor:
 
 
 def is_exact_problem(model: Any) -> bool:
-    return isinstance(model, GaussianMixture)
+    """A Gaussian mixture, guided or not: its ODE end points are exact (DOP853 on the closed-form denoiser)."""
+    return isinstance(unguided(model), GaussianMixture)
 
 
 def model_fingerprint(model: Any) -> str:
     """sha256 over the model's name and every tensor / module state it holds (so a retrained model or a
-    changed mixture never reuses a stale cache entry). A :class:`CastInputs` wrapper is seen through."""
-    from .dtype import CastInputs
-
-    while isinstance(model, CastInputs):
-        model = model.model
+    changed mixture never reuses a stale cache entry). :class:`CastInputs` and classifier-free guidance are
+    seen through (the guidance enters through its name and :func:`conditioning_key`)."""
     h = hashlib.sha256(str(getattr(model, "name", type(model).__name__)).encode())
+    model = unguided(model)
     for key in sorted(vars(model)):
         value = vars(model)[key]
         tensors = value.state_dict().items() if isinstance(value, torch.nn.Module) else \
@@ -80,25 +80,27 @@ class Reference:
         self.x, self.method, self.error_rmse, self.seconds, self.cached = x, method, error_rmse, seconds, cached
 
 
-def _numerical(model: Any, x0: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
+def _numerical(model: Any, x0: torch.Tensor, solver: str, steps: int, rows=None) -> torch.Tensor:
     from ..sampling import get_sampler
     from ..schedules import polynomial
 
     sigmas = polynomial(steps + 1, float(model.sigma_min), float(model.sigma_max))
     knobs = {"variant": "bh2", "max_order": 3, "lower_order_final": True} if solver == "unipc" else {}
     with torch.no_grad():
-        return get_sampler(solver)(model, x0, sigmas, disable=True, **knobs).to(torch.float64)
+        return get_sampler(solver)(model, x0, sigmas, extra_args=rows, disable=True, **knobs).to(torch.float64)
 
 
 def reference_endpoints(model: Any, x0: torch.Tensor, seed: int, cache_dir: Path | None,
-                        ref_solver: str = "unipc", ref_steps: int = 128) -> Reference:
-    """Reference end points for the start noise ``x0`` (made by :func:`start_noise` with ``seed``)."""
+                        ref_solver: str = "unipc", ref_steps: int = 128,
+                        rows: dict[str, torch.Tensor] | None = None) -> Reference:
+    """Reference end points for the start noise ``x0`` (made by :func:`start_noise` with ``seed``); ``rows``:
+    per-sample conditioning (row j goes with ``x0[j]``)."""
     exact = is_exact_problem(model)
     method = f"exact ODE (DOP853, rtol = atol = {EXACT_TOL:g}, chunks of {EXACT_CHUNK})" if exact else \
         f"{ref_solver}, {ref_steps} steps, polynomial rho = 7"
     key = cache_key(kind="reference", model=model_fingerprint(model), seed=seed, samples=x0.shape[0],
                     shape=list(x0.shape[1:]), sigma_min=float(model.sigma_min), sigma_max=float(model.sigma_max),
-                    method=method)
+                    method=method, **conditioning_key(model, rows))
     path = None if cache_dir is None else Path(cache_dir) / f"reference-{key}.npz"
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -106,18 +108,24 @@ def reference_endpoints(model: Any, x0: torch.Tensor, seed: int, cache_dir: Path
             return Reference(torch.from_numpy(z["x"]), meta["method"], meta["error_rmse"], 0.0, True)
     start = time.perf_counter()
     if exact:
-        solve = lambda x, tol: exact_endpoint(model, x, float(model.sigma_max), float(model.sigma_min),  # noqa: E731
-                                              rtol=tol, atol=tol, chunk=EXACT_CHUNK)
-        x = solve(x0, EXACT_TOL)
-        err = float((solve(x0[:CHECK_SUBSET], EXACT_TOL / 100) - x[:CHECK_SUBSET]).pow(2).mean().sqrt())
+        def solve(x, tol, rows):
+            return exact_endpoint(model, x, float(model.sigma_max), float(model.sigma_min), rtol=tol, atol=tol,
+                                  chunk=EXACT_CHUNK, rows=rows)
+
+        x = solve(x0, EXACT_TOL, rows)
+        err = float((solve(x0[:CHECK_SUBSET], EXACT_TOL / 100, _head(rows)) - x[:CHECK_SUBSET]).pow(2).mean().sqrt())
     else:
-        x = _numerical(model, x0, ref_solver, ref_steps)
-        half = _numerical(model, x0[:CHECK_SUBSET], ref_solver, ref_steps // 2)
+        x = _numerical(model, x0, ref_solver, ref_steps, rows)
+        half = _numerical(model, x0[:CHECK_SUBSET], ref_solver, ref_steps // 2, _head(rows))
         err = float((half - x[:CHECK_SUBSET]).pow(2).mean().sqrt())  # error of the half-step solve: an upper estimate
     seconds = time.perf_counter() - start
     if path is not None:
         _save_npz(path, x=x.numpy(), meta=np.array(json.dumps({"method": method, "error_rmse": err})))
     return Reference(x, method, err, seconds, False)
+
+
+def _head(rows: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if rows is None else {k: v[:CHECK_SUBSET] for k, v in rows.items()}
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

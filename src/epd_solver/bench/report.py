@@ -144,6 +144,40 @@ def _paper_knobs_note(rows: list[dict[str, Any]]) -> list[str]:
             + "; `epd sample` leaves it off unless `--paper-setting`.", ""]
 
 
+def _conditioning_text(rec: dict[str, Any] | None) -> list[str]:
+    """One paragraph saying what every sample was conditioned on."""
+    if not rec:
+        return []
+    if rec.get("class_labels") is not None:
+        what = f"class labels {rec['class_labels']}"
+    else:
+        what = f"{rec.get('prompts')} prompts" + (f" (negative prompt {rec['negative_prompt']!r})"
+                                                   if rec.get("negative_prompt") is not None else "")
+    guidance = rec.get("guidance_scale")
+    how = (f"classifier-free guidance {guidance:g}" + (f", null label {rec['null_label']}" if "null_label" in rec
+                                                        else "")) if guidance not in (None, 1.0) else "no guidance"
+    return [f"Conditioning: {what}; {rec['assignment']}, the same (noise, condition) pairs for every solver and the "
+            f"reference; {how}.", ""]
+
+
+def _per_class_tables(rows: list[dict[str, Any]], nfes: list[int], ref: dict[str, Any]) -> list[str]:
+    """Fréchet distance per class: one table per Para.NFE, a column per class (a class with < 2 samples: –)."""
+    if not any(r.get("fd_per_class") for r in rows):
+        return []
+    classes = list((ref.get("fd_per_class") or next(r["fd_per_class"] for r in rows if r.get("fd_per_class"))))
+    head = "| Method | " + " | ".join(f"class {c}" for c in classes) + " |"
+    rule = "|---|" + "---:|" * len(classes)
+    out = ["## Fréchet distance per class", "", "Each class's samples against that class's data.", ""]
+    if ref.get("fd_per_class"):
+        out += ["Reference end points: " + ", ".join(f"{c}: {fmt(v)}" for c, v in ref["fd_per_class"].items()), ""]
+    for n in nfes:
+        lines = [f"| {r['method']} | " + " | ".join(fmt(r["fd_per_class"].get(c)) for c in classes) + " |"
+                 for r in rows if r["nfe"] == n and r.get("fd_per_class")]
+        if lines:
+            out += [f"### NFE {n}", "", head, rule] + lines + [""]
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows, nfes = result["rows"], result["nfe"]
     env, ref = result["environment"], result["reference"]
@@ -154,7 +188,7 @@ def markdown(result: dict[str, Any]) -> str:
            + ".", "",
            "Columns are Para.NFE (sequential rounds of model calls; EPD's and ParaDiGMS' batched calls count once). "
            "Each cell is `value (evaluations per sample)`: the total denoiser evaluations, which the NFE counter "
-           "measured.", ""]
+           "measured.", ""] + _conditioning_text(result.get("conditioning"))
     for metric, title in METRICS:
         if all(r[metric] is None for r in rows):
             continue
@@ -163,6 +197,7 @@ def markdown(result: dict[str, Any]) -> str:
         if floor is not None and metric != "rmse":
             out += [f"Reference end points themselves: {fmt(floor)} (what the exact ODE solution reaches with this "
                     "sample count; for a trained model this includes the model's own error).", ""]
+    out += _per_class_tables(rows, nfes, ref)
     ordering = _ordering_text(rows, 5, result.get("model_name", result["model"]) in BUNDLED_MODELS)
     if ordering:  # only when the run has NFE 5; the paper's CIFAR-10 FIDs only beside this repository's models
         out += ["## Ordering at NFE 5 against the paper", ""] + ordering + [""]

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .dtype import for_bench
+from .conditioning import bench_conditioning, record, sample_seeds
+from .dtype import CastInputs, for_bench
 from .learned import ParamsSource, bundled_params_dir
 from .paradigms_grid import TOLERANCE, calibrate_paradigms, paradigms_sigmas
 from .quality import Quality
@@ -51,6 +52,13 @@ class BenchConfig:
     dtype: str = "auto"  # the network's dtype (bench.dtype.for_bench); the solvers run in float64
     grid_samples: int = 16
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # solver -> knobs replacing the paper's
+    class_labels: str | None = None  # conditioning, as `epd sample` takes it (bench.conditioning)
+    guidance_scale: float | None = None
+    null_label: int | None = None
+    prompts: str | None = None
+    negative_prompt: str | None = None
+    prompt_embeds: str | None = None
+    allow_guidance_mismatch: bool = False
     force: bool = False
     quiet: bool = False
     command: str = ""
@@ -66,13 +74,16 @@ def parse_ints(text: str, name: str) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing non-empty folder unless ``force`` (then our files in it are replaced)."""
+def check_out_dir(out: str | os.PathLike, force: bool, create: bool = True) -> Path:
+    """Refuse an existing non-empty folder unless ``force`` (then our files in it are replaced); ``create``:
+    make the folder and check it is writable."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise FileExistsError(f"--out {path} exists and is not empty; pass --force to write into it")
+    if not create:
+        return path
     path.mkdir(parents=True, exist_ok=True)
     from ..files import check_writable
 
@@ -105,7 +116,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def _run_cell(model, solver: str, nfe: int, x0: torch.Tensor, params_source: ParamsSource,
-              paradigms: dict[int, dict[str, Any]], overrides: dict[str, Any]) -> tuple[torch.Tensor | None, dict[str, Any]]:
+              paradigms: dict[int, dict[str, Any]], overrides: dict[str, Any],
+              rows: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, dict[str, Any]]:
     from ..sampling import get_sampler
     from ..solvers import paper_sigmas
 
@@ -133,7 +145,8 @@ def _run_cell(model, solver: str, nfe: int, x0: torch.Tensor, params_source: Par
     info["n_points"] = int(sigmas.numel())
     start = time.perf_counter()
     with torch.no_grad():
-        x, sample_info = get_sampler(solver)(model, x0, sigmas, disable=True, return_info=True, **knobs)
+        x, sample_info = get_sampler(solver)(model, x0, sigmas, extra_args=rows, disable=True, return_info=True,
+                                             **knobs)
     info["seconds"] = time.perf_counter() - start
     info.update(sample_info.nfe.as_dict())
     return x.to(torch.float64), info
@@ -147,7 +160,8 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     if cfg.samples < 2:
         raise ValueError("--samples must be >= 2")
-    out = check_out_dir(cfg.out, cfg.force) if cfg.out else None
+    if cfg.out:
+        check_out_dir(cfg.out, cfg.force, create=False)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
@@ -160,19 +174,27 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
             raise ValueError(f"--set {name}.{next(iter(knobs))}: {name!r} is not a training-free solver of this run")
         if name == "paradigms" and not set(knobs) <= {"base_steps", "window", "tolerance"}:
             raise ValueError("--set paradigms takes base_steps, window and tolerance (passes are capped at the NFE)")
-    model, net_dtype = for_bench(load_model(cfg.model), cfg.dtype)
+    base = load_model(cfg.model)  # the model as loaded: its shape, data and sigma range
+    cast, net_dtype = for_bench(base, cfg.dtype)
+    cond = bench_conditioning(base, cfg)  # a conditional model without labels, bad labels: before any work
+    out = check_out_dir(cfg.out, cfg.force) if cfg.out else None
+    model = cond.model  # guided under --guidance-scale, then cast like the model itself
+    model = CastInputs(model, cast.dtype) if isinstance(cast, CastInputs) else model
+    conds = cond.for_seeds(sample_seeds(cfg.seed, cfg.samples))  # sample i: seed + i, row (seed + i) % n
     model_id = str(getattr(model, "name", cfg.model))
-    quality = Quality(model, cfg.features, cfg.inception_weights, cfg.fid_ref)  # fails fast on FID options
+    labels = conds.get(cond.key) if conds is not None and cond.key is not None else None
+    quality = Quality(base, cfg.features, cfg.inception_weights, cfg.fid_ref, labels)  # fails fast on FID options
     cache_dir = None if cfg.cache_dir == "" else Path(cfg.cache_dir or default_cache_dir())
     dirs = list(cfg.params_dirs) or ([bundled_params_dir()] if bundled_params_dir() else [])
     params_source = ParamsSource(model, model_id, cfg.params, dirs, cfg.distill,
-                                 save_dir=out / "params" if out else None, log=log)
+                                 save_dir=out / "params" if out else None, log=log, cond=cond,
+                                 allow_guidance_mismatch=cfg.allow_guidance_mismatch)
 
     t0 = time.perf_counter()
-    x0 = start_noise(model, cfg.samples, cfg.seed)
+    x0 = start_noise(base, cfg.samples, cfg.seed)
     log(f"bench {model_id}: {len(solvers)} solvers x NFE {list(cfg.nfe)}, {cfg.samples} samples, "
         f"{threads} torch threads, network in {net_dtype} (solvers in float64); computing the reference ...")
-    ref = reference_endpoints(model, x0, cfg.seed, cache_dir, cfg.ref_solver, cfg.ref_steps)
+    ref = reference_endpoints(model, x0, cfg.seed, cache_dir, cfg.ref_solver, cfg.ref_steps, rows=conds)
     log(f"reference: {ref.method} ({'from cache' if ref.cached else f'{ref.seconds:.1f} s'})")
     ref_quality = quality.measure(ref.x)
     paradigms: dict[int, dict[str, Any]] = {}
@@ -181,7 +203,7 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
         for n in cfg.nfe:
             paradigms[n] = {"base_steps": fixed["base_steps"], "window": fixed.get("window", fixed["base_steps"]),
                             "tolerance": fixed.get("tolerance", TOLERANCE)} if "base_steps" in fixed \
-                else calibrate_paradigms(model, n, cfg.seed, cache_dir)
+                else calibrate_paradigms(model, n, cfg.seed, cache_dir, conditions=cond.for_seeds)
         log("paradigms base steps per NFE: " + ", ".join(f"{n}: {c['base_steps']}" for n, c in paradigms.items()))
 
     rows, samples = [], {}
@@ -189,7 +211,7 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     bar = tqdm(cells, desc=f"bench {model_id}", disable=cfg.quiet, file=sys.stderr)
     for solver, nfe in bar:
         bar.set_postfix_str(f"{solver} @ {nfe}")
-        x, info = _run_cell(model, solver, nfe, x0, params_source, paradigms, cfg.overrides.get(solver, {}))
+        x, info = _run_cell(model, solver, nfe, x0, params_source, paradigms, cfg.overrides.get(solver, {}), conds)
         row = {"model": model_id, "solver": solver, "method": row_name(solver), "group": group_of(solver),
                "nfe": nfe, "para_nfe": None, "evaluations": None, "network_rows": None, "rmse": None, "fd": None,
                "fid": None, "seconds": None, **info}
@@ -208,6 +230,7 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     result = {
         "model": model_id, "model_name": cfg.model, "nfe": list(cfg.nfe), "solvers": solvers,
         "samples": cfg.samples, "seed": cfg.seed, "command": cfg.command, "network_dtype": net_dtype,
+        "conditioning": record(cond, conds),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("command",)},
         "environment": environment(threads),
         "reference": {"method": ref.method, "error_rmse": ref.error_rmse, "seconds": ref.seconds,
@@ -219,7 +242,7 @@ def run_bench(cfg: BenchConfig, log=None) -> dict[str, Any]:
     if out is not None:
         report.write_all(out, result)
         plots.error_plot(out / "error_vs_nfe.png", result)
-        plots.sample_grids(out / "grids", model, ref.x[:cfg.grid_samples], samples, result)
+        plots.sample_grids(out / "grids", base, ref.x[:cfg.grid_samples], samples, result)
         log(f"wrote {out}/results.csv, results.json, results.md, error_vs_nfe.png"
             + (", grids/" if (out / "grids").is_dir() else "") + f" in {result['total_seconds']:.0f} s")
     return result

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
                     "noise; write results.csv/.json/.md (Table 1 layout, cells 'value (evaluations per sample)'), "
                     "error_vs_nfe.png and, for image models, sample grids. Learned solvers load parameter files "
                     "(--params / --params-dir, matched by model id, solver and Para.NFE) or are distilled on the fly. "
+                    "Conditional models take epd sample's flags: sample i (seed + i) gets labels[(seed + i) % n] "
+                    "(or prompts[...]), the same pairs for every solver and the reference. "
                     "--latency times batched EPD (K = 1, 2, 3) against iPNDM at equal Para.NFE instead.")
     p.add_argument("--model", default="digits", help="digits | gmm:digits | gmm:synthetic | diffusers:PATH | "
                    "module:function (default: digits)")
@@ -50,6 +52,9 @@ def add_parser(sub) -> None:
                    "the model's parameters, float64 for a model without any)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .conditioning import add_arguments as add_conditioning
+
+    add_conditioning(p, sample=True)
     lat = p.add_argument_group("latency (--latency)")
     lat.add_argument("--latency", action="store_true", help="time batched EPD against iPNDM instead of the table")
     lat.add_argument("--batch-sizes", default="1,16,64", help="batch sizes (default 1,16,64)")
@@ -80,26 +85,34 @@ def run(args) -> int:
                       samples=1000 if args.samples is None else args.samples, seed=args.seed, features=args.features,
                       inception_weights=args.inception_weights, fid_ref=args.fid_ref, ref_solver=args.ref_solver,
                       ref_steps=args.ref_steps, cache_dir=args.cache_dir, threads=args.threads, force=args.force,
-                      quiet=args.quiet, command=command, overrides=overrides, dtype=args.dtype)
-    _refuse_conditional(args.model)
-    check_out_dir(args.out, args.force)  # before any work
+                      quiet=args.quiet, command=command, overrides=overrides, dtype=args.dtype,
+                      class_labels=args.class_labels, guidance_scale=args.guidance_scale, null_label=args.null_label,
+                      prompts=args.prompts, negative_prompt=args.negative_prompt, prompt_embeds=args.prompt_embeds,
+                      allow_guidance_mismatch=args.allow_guidance_mismatch)
+    check_out_dir(args.out, args.force, create=False)  # before any work (run_bench makes it, once the model and
+    # its conditioning are checked)
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
 
-def _refuse_conditional(name: str) -> None:
-    """``epd bench`` runs every solver unconditionally: a class-conditional model is refused before any work."""
-    if name.startswith("diffusers:"):  # loading is costly; the adapter names its missing conditioning itself
+def _refuse_conditional(args) -> None:
+    """``epd bench --latency`` times unconditional calls: a class-conditional model or conditioning flags are
+    refused before any work."""
+    given = [f for f in ("class_labels", "guidance_scale", "null_label", "prompts", "negative_prompt",
+                         "prompt_embeds") if getattr(args, f, None) is not None]
+    if given:
+        raise ValueError(f"epd bench --latency times unconditional calls: drop --{given[0].replace('_', '-')} "
+                         "(the table, without --latency, takes conditioning)")
+    if args.model.startswith("diffusers:"):  # loading is costly; the adapter names its missing conditioning itself
         return
     from ..resolve import load_model
 
-    model = load_model(name)
+    model = load_model(args.model)
     classes = getattr(model, "num_classes", None)
     if classes is not None:
-        raise ValueError(f"{name} is class-conditional (classes 0-{int(classes) - 1}) and epd bench does not pass "
-                         "class labels yet: compare solvers on it with benchmarks/conditional_gmm.py, or distil "
-                         "and sample with epd distill/sample --class-labels")
+        raise ValueError(f"{args.model} is class-conditional (classes 0-{int(classes) - 1}) and epd bench --latency "
+                         "passes no class labels: run the table (without --latency) with --class-labels")
 
 
 def _latency(args, nfe: tuple[int, ...], command: str) -> int:
@@ -112,7 +125,7 @@ def _latency(args, nfe: tuple[int, ...], command: str) -> int:
     if any(n % 2 == 0 for n in nfe):
         raise ValueError("--latency compares EPD with AFS, whose Para.NFE is odd: pass odd --nfe values")
     batches, ks = list(parse_ints(args.batch_sizes, "--batch-sizes")), list(parse_ints(args.ks, "--ks"))
-    _refuse_conditional(args.model)
+    _refuse_conditional(args)
     out = check_out_dir(args.out, args.force)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -7,6 +7,8 @@ own) as the unconditional input (w = 1: the conditional model alone). Seed s get
 A conditional model (one with ``num_classes``) called without labels, labels outside its classes and an
 unconditional model given labels are named errors before any work. ``--prompts FILE`` / ``--prompt-embeds``
 (diffusers text pipelines) are handled by :mod:`epd_solver.integrations.prompts`, with the same seed rule.
+A table is sampled at the guidance scale and with the negative prompt it was distilled with
+(:func:`check_table_guidance`; ``--allow-guidance-mismatch`` to use it otherwise).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser, sample: bool = False) -> None
                    "..., one row per prompt; optional negative_* of one row) instead of --prompts")
     if sample:
         g.add_argument("--allow-guidance-mismatch", action="store_true",
-                       help="sample a table at another guidance scale than it was distilled at")
+                       help="use a table at another guidance scale, or with another negative prompt (the "
+                       "unconditional branch of the guidance), than it was distilled with")
 
 
 def parse_labels(text: str) -> list[int]:
@@ -138,7 +141,8 @@ def conditioning_of(model: Any, args: argparse.Namespace) -> Conditioning:
 
 
 def check_table_guidance(meta: dict[str, Any], cond: Conditioning, allow: bool = False) -> None:
-    """Refuse to sample a table at another guidance scale than it was distilled at (unless ``allow``)."""
+    """Refuse to sample a table at another guidance scale, or with another negative prompt (the unconditional
+    branch's embeddings, ``meta.conditioning.uncond_digest``), than it was distilled with (unless ``allow``)."""
     rec = meta.get("conditioning") or {}
     distilled = rec.get("guidance_scale")
     if distilled is None and cond.guidance is None:
@@ -155,3 +159,28 @@ def check_table_guidance(meta: dict[str, Any], cond: Conditioning, allow: bool =
         raise CLIConditioningError(f"the table was distilled at guidance {distilled:g}, not --guidance-scale "
                                    f"{cond.guidance:g}: sample at {distilled:g}, or pass --allow-guidance-mismatch "
                                    "to use it anyway (its errors there are not measured)")
+    _check_uncond(rec, cond, allow)
+
+
+def _check_uncond(rec: dict[str, Any], cond: Any, allow: bool) -> None:
+    """Prompts, both guided: the negative prompt's embeddings (the unconditional branch) must be the table's,
+    compared by digest. (Class labels: the null label is the model's own, refused otherwise before this.)"""
+    from ..denoisers import CFGDenoiser
+    from ..distillation.conditions import tensor_digest
+
+    had = rec.get("uncond_digest")
+    if had is None or cond.key is not None or not isinstance(cond.model, CFGDenoiser) or allow:
+        return
+    if tensor_digest(cond.model.uncond) == had:
+        return
+    table = f"negative prompt {rec['negative_prompt']!r}" if rec.get("negative_prompt") is not None else \
+        "another negative prompt" if "negative_prompt" not in rec else "no negative prompt (the empty prompt)"
+    record = getattr(cond, "record", {})
+    given = record.get("negative_prompt")
+    now = f"--negative-prompt {given!r}" if given is not None else \
+        f"the unconditional branch of --prompt-embeds {record['prompt_embeds']}" if "prompt_embeds" in record else \
+        "no --negative-prompt (the empty prompt)"
+    raise CLIConditioningError(f"the table was distilled with {table}, not {now} (its unconditional branch "
+                               "differs): pass the negative prompt it was distilled with, or "
+                               "--allow-guidance-mismatch to use it anyway (embeddings computed on another "
+                               "device or dtype differ too)")

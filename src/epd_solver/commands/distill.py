@@ -213,6 +213,9 @@ def _run(args, main: bool) -> int:
                      cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
                      resume=args.resume, init_from=args.init_from, feature=feature, progress=not args.quiet,
                      log=log, **options)
+    record = getattr(cond, "record", None)  # prompts: the negative prompt's text beside its digest
+    if record is not None and "prompts_sha256" in record and params.meta.get("conditioning") is not None:
+        params.meta["conditioning"]["negative_prompt"] = record.get("negative_prompt")
     if not main:  # every rank holds the same parameters; rank 0 reports and writes
         v = params.meta.get("validation") or {}
         return WORSE_STATUS if v and not v["better"] and not args.allow_worse else 0

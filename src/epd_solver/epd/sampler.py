@@ -22,8 +22,8 @@ from ..contract import NFECounter, register_sampler
 from .params import GRID_RTOL, EPDParams, ParamsMismatchError
 from .step import amed_plugin_rollout, rollout
 
-__all__ = ["check_model_fit", "model_id_of", "sample_epd", "sample_epd_solver", "sample_epd_plugin", "sample_amed",
-           "sample_amed_plugin"]
+__all__ = ["base_model_id", "check_model_fit", "model_id_of", "sample_epd", "sample_epd_solver", "sample_epd_plugin",
+           "sample_amed", "sample_amed_plugin"]
 
 
 def model_id_of(model: Any) -> str:
@@ -33,7 +33,7 @@ def model_id_of(model: Any) -> str:
     return str(getattr(model, "name", getattr(model, "__name__", type(model).__name__)))
 
 
-def _base_id(model_id: Any) -> str:
+def base_model_id(model_id: Any) -> str:
     """A model id without the ``+cfgW`` of a CFGDenoiser (``epd sample`` checks the guidance scale itself,
     with its own flag)."""
     return re.sub(r"\+cfg[-+0-9.e]+$", "", str(model_id))
@@ -48,7 +48,7 @@ def check_model_fit(params: EPDParams, model: Any, allow_other_model: bool = Fal
     if allow_other_model:
         return
     have, want = params.meta.get("model_id"), model_id_of(model)
-    if have is not None and _base_id(have) != _base_id(want):  # the guidance scale is checked on its own
+    if have is not None and base_model_id(have) != base_model_id(want):  # the guidance scale is checked on its own
         raise ParamsMismatchError(f"the parameters were distilled for model {have!r}, not {want!r}: distil them "
                                   f"for this model, or pass allow_other_model=True (--allow-other-model) to use "
                                   f"them anyway")
