@@ -33,7 +33,7 @@ def _rung(t: int, v: int, **more: Any) -> dict[str, Any]:
 
 LEAN = dict(schedule="time_uniform", init="deterministic")
 RUNGS: tuple[dict[str, Any], ...] = (
-    _rung(512, 128), _rung(384, 96), _rung(256, 64), _rung(192, 48), _rung(128, 32), _rung(96, 32),
+    _rung(512, 64), _rung(384, 64), _rung(256, 64), _rung(192, 48), _rung(128, 32), _rung(96, 32),
     _rung(64, 32), _rung(48, 24), _rung(32, 16), _rung(32, 16, **LEAN), _rung(16, 16, lbfgs_iterations=10, **LEAN),
     _rung(16, 16, lbfgs_iterations=8, lbfgs_rounds=2, teacher_points=3, **LEAN),
 )
