@@ -106,7 +106,7 @@ def test_the_estimate_matches_what_a_run_spends(tmp_path, opts):
     est = estimate(DistillRun(model, "epd", 5, recipe=recipe, **{k: v for k, v in base.items()}))
     p = distill(model, "epd", 5, recipe=recipe, **base)
     spent = p.meta["evaluations"]["phases"]
-    if est["teacher_points_source"] == "assumed":  # the refinement's end is known only after it ran
+    if est["teacher_points_source"] == "at most":  # the refinement's end is known only after it ran
         assert p.meta["teacher"]["points"] == est["teacher_points"] or "teacher" in spent
         spent = {k: v for k, v in spent.items() if k != "teacher" or p.meta["teacher"]["points"] == est["teacher_points"]}
     for phase, counts in spent.items():
@@ -167,3 +167,32 @@ def test_dry_run_reports_the_cost_and_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "cost: ~" in text and "model evaluations" in text and "ms per evaluation" in text
     assert "dry run: nothing distilled" in text and not out.exists() and not (tmp_path / "c").exists()
+
+
+def test_a_duration_budget_resumes_with_the_sizes_it_chose(tmp_path, monkeypatch):
+    """A budget in seconds depends on the measured speed; a resumed run keeps the interrupted run's sizes (a
+    file beside the checkpoint) even where the machine now measures another speed."""
+    from epd_solver.distillation import estimate as est_mod
+
+    speeds = {"forward_s": 1e-4, "backward_s": 1e-4}
+    monkeypatch.setattr(est_mod, "measure_seconds", lambda run, rows=None, repeats=2: dict(rows=1, **speeds))
+    opts = dict(cache_dir=tmp_path / "c", budget="8s", lbfgs_iterations=2, lbfgs_rounds=3, compare=False)
+    whole = distill(CountingGauss(), "epd", 5, **opts)
+
+    class Killed(Exception):
+        pass
+
+    def kill(it, info):
+        if it >= 4:
+            raise Killed
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Killed):
+        distill(CountingGauss(), "epd", 5, checkpoint=ckpt, on_iteration=kill, **opts)
+    speeds.update(forward_s=1e-2, backward_s=1e-2)  # a 100x slower machine would pick a smaller rung
+    assert distill(CountingGauss(), "epd", 5, cache_dir=tmp_path / "c2", budget="8s", lbfgs_iterations=2,
+                   lbfgs_rounds=3, compare=False).meta["config"]["trajectories"] < whole.meta["config"]["trajectories"]
+    resumed = distill(CountingGauss(), "epd", 5, checkpoint=ckpt, resume=True, **opts)
+    assert resumed.meta["config"]["trajectories"] == whole.meta["config"]["trajectories"]
+    for a, b in zip(whole.natural(), resumed.natural()):
+        assert torch.equal(a, b)

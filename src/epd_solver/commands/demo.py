@@ -1,7 +1,7 @@
 """``epd demo``: the main job on the bundled model — distil EPD, sample, compare, draw.
 
-1. distils EPD-Solver (K = 2, AFS) at the requested Para.NFE for the model (the default recipe with a
-   demo-sized budget: 128 trajectories, 2 x 10 L-BFGS iterations, the candidates' grid chosen after one round),
+1. distils EPD-Solver (K = 2, AFS) at the requested Para.NFE for the model with ``epd distill``'s default
+   recipe (its default budget: at most 700k model evaluations and 20 s of model time at the measured speed),
 2. samples the same noises with EPD and the strongest training-free baselines at that Para.NFE,
 3. prints a table (Para.NFE, evaluations per sample, RMSE to a converged reference solve, Fréchet
    distance to the data) and writes it with a PNG grid of samples per solver.
@@ -15,9 +15,6 @@ import time
 import torch
 
 DEMO_SOLVERS = ("epd", "ipndm", "dpmpp_3m", "unipc", "dpm_2", "heun", "euler")
-# A smaller distillation budget than `epd distill`'s default recipe, so that the demo takes minutes.
-# Its four (grid, init) candidates meet the selection set (8 x 128 noises) after the first of the two rounds.
-DEMO_DISTILL = dict(trajectories=128, lbfgs_rounds=2, lbfgs_iterations=10, val_trajectories=64, select_after=1)
 
 
 def add_parser(sub) -> None:
@@ -68,8 +65,7 @@ def run(args) -> int:
     model = load_model(args.model)
     model_id = str(getattr(model, "name", args.model))
     print(f"[1/2] distilling EPD-Solver (K = 2, AFS) at Para.NFE {args.nfe} for {model_id} ...", file=sys.stderr)
-    params = distill(model, "epd", args.nfe, progress=True, log=lambda m: print("      " + m, file=sys.stderr),
-                     **DEMO_DISTILL)
+    params = distill(model, "epd", args.nfe, progress=True, log=lambda m: print("      " + m, file=sys.stderr))
     params_dir = out / "params"
     params_dir.mkdir(exist_ok=True)
     safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)

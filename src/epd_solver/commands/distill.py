@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="parameter file to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--budget", help="model evaluations (e.g. 200000), a duration of model time at the speed "
-                   "measured on your model (90s, 10min, 1h), 'auto' (the default recipe's: 600000 evaluations and "
+                   "measured on your model (90s, 10min, 1h), 'auto' (the default recipe's: 700000 evaluations and "
                    "20 s of model time) or 'off': the default recipe's trajectories, validation and candidates shrink to fit")
     p.add_argument("--dry-run", action="store_true", help="print the settings and the estimated cost (evaluations "
                    "per phase, measured seconds per evaluation, model time) and stop, without distilling")
@@ -242,9 +242,10 @@ def _run(args, main: bool) -> int:
               f"--allow-worse to write it anyway)", file=sys.stderr)
         return WORSE_STATUS
     params.save(out, overwrite=args.force)
-    from ..distillation.api import checkpoint_paths
+    from ..distillation.api import budget_sizes_path, checkpoint_paths
 
-    for path in checkpoint_paths(ckpt, len(params.meta.get("grid_selection", {}).get("candidates", [None]))):
+    for path in checkpoint_paths(ckpt, len(params.meta.get("grid_selection", {}).get("candidates", [None]))) + \
+            [budget_sizes_path(ckpt)]:
         if path.exists():
             path.unlink()
     print(f"wrote {out}")

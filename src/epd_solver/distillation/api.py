@@ -70,13 +70,30 @@ def distill(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "def
     ``progress``: a progress bar on stderr (default: when stderr is a terminal).
     """
     progress = sys.stderr.isatty() if progress is None else progress
-    return DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
-                      model_id=model_id, extra_args=extra_args, conditions=conditions, dtype=dtype, device=device,
-                      cache_dir=cache_dir, cache=cache, feature=feature, progress=progress, log=log,
-                      data_parallel=data_parallel,
-                      **options).run(
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
-        on_iteration=on_iteration)
+    sizes = budget_sizes_path(checkpoint)
+    if resume and sizes is not None and sizes.exists():  # the sizes the interrupted run's budget chose, not refitted
+        chosen = json.loads(sizes.read_text())
+        options = {**options, **chosen, "budget": "off"}
+    run = DistillRun(model, solver, nfe, recipe=recipe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
+                     model_id=model_id, extra_args=extra_args, conditions=conditions, dtype=dtype, device=device,
+                     cache_dir=cache_dir, cache=cache, feature=feature, progress=progress, log=log,
+                     data_parallel=data_parallel, **options)
+    if run.budget is not None and sizes is not None:  # a duration budget depends on the measured speed: keep it
+        from .. import distributed as dist_utils
+        from ..files import write_atomic
+
+        if not run.data_parallel or dist_utils.is_main():
+            sizes.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(run.budget["tried"][-1]["overrides"], sort_keys=True)
+            write_atomic(sizes, lambda tmp: Path(tmp).write_text(text))
+    return run.run(checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
+                   on_iteration=on_iteration)
+
+
+def budget_sizes_path(checkpoint) -> Path | None:
+    """Beside a checkpoint: the sizes a budget chose (a resumed run reuses them)."""
+    return None if checkpoint is None else Path(checkpoint).with_name(Path(checkpoint).name + ".budget.json")
+
 
 
 def plan(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", **kwargs: Any) -> dict[str, Any]:

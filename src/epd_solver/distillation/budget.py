@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["RUNGS", "DEFAULT_EVALUATIONS", "DEFAULT_DURATION", "parse_budget", "fit_budget", "BudgetError"]
 
-DEFAULT_EVALUATIONS = 600_000
+DEFAULT_EVALUATIONS = 700_000
 # seconds of model time at the measured speed: the bundled digits U-Net then distils in under 30 s on 2 CPU cores;
 # a model of SD1.5's cost (assumed 25 ms per guided evaluation on one GPU, a backward twice that) gets the
 # smallest rung, about 6 minutes (benchmarks/results/distill_cost.md)

@@ -4,8 +4,8 @@
 Exact for every phase but two: the training rollouts (an L-BFGS step takes one or more evaluations of the
 loss, ``LBFGS_EVALS_PER_STEP`` on average, measured) and the exact end points of a closed-form problem
 (adaptive; left out). Under ``teacher_points="auto"`` the refinement stops where the teacher converges, which
-is known only once it ran: the estimate assumes the cached choice when there is one, else
-``ASSUMED_TEACHER_POINTS`` (capped by ``teacher_max_points``), and says so.
+is known only once it ran: the estimate takes the finest M it may reach (``teacher_max_points``), an upper
+bound, and says so.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from .config import AUTO, SELECTION_REFERENCE
 from .datasets import CONVERGENCE_SUBSET
 from .verdict import CHECK_BASELINES
 
-__all__ = ["estimate", "measure_seconds", "model_seconds", "LBFGS_EVALS_PER_STEP", "ASSUMED_TEACHER_POINTS", "describe"]
+__all__ = ["estimate", "measure_seconds", "model_seconds", "LBFGS_EVALS_PER_STEP", "describe"]
 
 LBFGS_EVALS_PER_STEP = 1.25  # loss evaluations per accepted L-BFGS step (backtracking); 1.24 measured on gmm:digits
-# teacher_points="auto": the M the refinement reached on gmm:digits (Para.NFE 5) at a tolerance of at most / above 0.1
-ASSUMED_TEACHER_POINTS = {0.1: 15, 0.3: 7}
 
 
 def _teacher_ladder(c, auto: bool, chosen: int) -> list[int]:
@@ -39,13 +37,15 @@ def _teacher_ladder(c, auto: bool, chosen: int) -> list[int]:
 
 
 def _assumed_points(c) -> tuple[int, str]:
+    """The teacher's M: fixed, or under ``teacher_points="auto"`` the finest the refinement may reach (3, 7, 15, ...
+    up to ``teacher_max_points``): an upper bound, since it stops earlier where the teacher has converged
+    (M = 7 on gmm:digits, 15 on the digits U-Net at the default recipe's tolerance 0.3)."""
     if c.teacher_points != AUTO:
         return int(c.teacher_points), "fixed"
-    m, cap = 3, c.teacher_max_points
-    assumed = ASSUMED_TEACHER_POINTS[0.1] if c.teacher_tolerance <= 0.1 else ASSUMED_TEACHER_POINTS[0.3]
-    while m < assumed and 2 * m + 1 <= cap:
+    m = 3
+    while 2 * m + 1 <= c.teacher_max_points:
         m = 2 * m + 1
-    return m, "assumed"
+    return m, "at most"
 
 
 def _field_per_noise(run, c) -> float:
