@@ -215,7 +215,7 @@ def test_killed_selection_run_resumes_to_the_same_parameters(tmp_path, kill_at):
     opts = dict(cache_dir=tmp_path / "cache", teacher_points=1, trajectories=16, batch=4, val_trajectories=8,
                 lbfgs_rounds=4, lbfgs_iterations=2, compare=False, select_after=2, finalists=0)
     whole = distill(GaussDenoiser(), "epd", 5, **opts)
-    assert whole.meta["selection"]["noises"] == 16 and len(whole.meta["grid_selection"]["finished"]) == 2
+    assert whole.meta["selection"]["noises"] == 2 * 16 and len(whole.meta["grid_selection"]["finished"]) == 2
 
     class Killed(Exception):
         pass

@@ -11,7 +11,7 @@ from epd_solver.problems import digits_mixture
 # small runs of both optimisers; 13 trajectories: the shards (7 + 6) and the Adam batches (4) do not align
 CASES = {
     "lbfgs": dict(trajectories=13, batch=4, val_trajectories=8, lbfgs_rounds=2, lbfgs_iterations=4, select_noises=0),
-    # the default recipe's selection set (1 x 13 noises, replicated), its four (grid, init) candidates screened
+    # the default recipe's selection set (2 x 13 noises, replicated), its four (grid, init) candidates screened
     # for one round and the best one finishing
     "select": dict(trajectories=13, batch=4, val_trajectories=8, lbfgs_rounds=3, lbfgs_iterations=3),
     "adam": dict(recipe="official", trajectories=13, batch=4, epochs=2, val_trajectories=8, val_every=2,
@@ -59,7 +59,7 @@ def test_two_processes_equal_one_process(two_ranks, name):
     training = single.meta["training"]
     if name == "select":  # validated on the selection set from round two on: no untrained value to compare with
         sel = single.meta["grid_selection"]
-        assert single.meta["selection"]["noises"] == 13 and len(sel["candidates"]) == 4 and sel["after_rounds"] == 1
+        assert single.meta["selection"]["noises"] == 26 and len(sel["candidates"]) == 4 and sel["after_rounds"] == 1
         return
     # training moved the tables (the comparison is not between two untrained initialisations)
     assert training["best_iteration"] > 0 and training["best_val_rmse"] < 0.9 * training["init_val_rmse"]

@@ -114,12 +114,12 @@ def test_selection_options_are_checked(tmp_path):
         make_config("epd", 5, select_noises=64, optimizer="adam")
     with pytest.raises(ValueError, match="select_noises must be an integer >= 0"):
         make_config("epd", 5, select_noises="many")
-    # the default recipe: a selection set of 1 noise per trajectory picks among grids x inits after one round
+    # the default recipe: a selection set of 2 noises per trajectory picks among grids x inits after one round
     # and the best one finishes; without a selection set (or with Adam, which has no rounds to stop after) it
     # starts from the deterministic init
     cfg = make_config("epd", 5, trajectories=100)
     assert (cfg.select_noises, cfg.selection_noises, cfg.init, cfg.select_after, cfg.finalists) == \
-        ("auto", 100, "auto", 1, 1)
+        ("auto", 200, "auto", 1, 1)
     assert make_config("epd", 5, select_noises=0).init == "deterministic"
     adam = make_config("epd", 5, optimizer="adam")
     assert (adam.selection_noises, adam.init) == (0, "deterministic")

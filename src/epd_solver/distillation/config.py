@@ -35,9 +35,10 @@ INIT_CANDIDATES = ("deterministic", "end")
 # mixture 0.009 RMSE to the exact end points and no sample in the wrong cluster of 2000;
 # benchmarks/results/synthetic_probe.md).
 SELECTION_REFERENCE = ("dpmpp_3m", "polynomial", {"rho": 7.0}, 21)
-# select_noises="auto" (the default recipe): this many selection noises per training trajectory (512 for 512;
-# 8 and 2 per trajectory chose the same tables on gmm:digits at Para.NFE 5).
-SELECTION_PER_TRAJECTORY = 1
+# select_noises="auto" (the default recipe): this many selection noises per training trajectory (1024 for 512;
+# 8 per trajectory chose the same tables on gmm:digits at Para.NFE 5; 1 per trajectory, 64 noises for 64
+# trajectories, chose a table of ratio 0.82 where 128 chose one of 0.62: benchmarks/results/distill_cost.md).
+SELECTION_PER_TRAJECTORY = 2
 
 
 @dataclasses.dataclass
