@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
                    help="named defaults (default: default); the options below override single settings")
-    p.add_argument("--out", required=True, help="parameter file to write (.safetensors)")
+    p.add_argument("--out", help="parameter file to write (.safetensors); required unless --dry-run")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--budget", help="model evaluations (e.g. 200000), a duration of model time at the speed "
                    "measured on your model (90s, 10min, 1h), 'auto' (the default recipe's: 700000 evaluations and "
@@ -138,23 +138,27 @@ def _run(args, main: bool) -> int:
     from ..solver_names import resolve_solver
 
     args.solver = resolve_solver(args.solver, learned=True)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if out.exists() and not out.is_file():
-        raise ValueError(f"--out {out} is not a file")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the folder of --out does not exist: {out.parent}")
-    from ..files import check_writable
+    if args.out is None and not args.dry_run:
+        raise ValueError("--out FILE is required (the parameter file to write); --dry-run needs none")
+    out = Path(args.out) if args.out else None
+    ckpt = (Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")) if out else None
+    if not args.dry_run:
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        if out.exists() and not out.is_file():
+            raise ValueError(f"--out {out} is not a file")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"the folder of --out does not exist: {out.parent}")
+        from ..files import check_writable
 
-    check_writable(out.parent, 2**20, "the folder of --out")  # the table and its checkpoint, before any work
-    ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
-    if ckpt.exists() and not args.resume:
-        if not args.force:
-            raise FileExistsError(f"checkpoint {ckpt} exists: pass --resume to continue it, or --force to start over")
-        ckpt.unlink()  # --force: a clean restart, not a resume of a stale run
-        print(f"epd distill: --force: removed the checkpoint {ckpt} of an earlier run; starting over",
-              file=sys.stderr)
+        check_writable(out.parent, 2**20, "the folder of --out")  # the table and its checkpoint, before any work
+        if ckpt.exists() and not args.resume:
+            if not args.force:
+                raise FileExistsError(f"checkpoint {ckpt} exists: pass --resume to continue it, or --force to start "
+                                      "over")
+            ckpt.unlink()  # --force: a clean restart, not a resume of a stale run
+            print(f"epd distill: --force: removed the checkpoint {ckpt} of an earlier run; starting over",
+                  file=sys.stderr)
     points = args.teacher_points
     if points is not None and points != "auto":
         try:
