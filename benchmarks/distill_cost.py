@@ -101,7 +101,8 @@ def markdown(res: dict) -> str:
         info = res["tests"][problem]
         lines += [f"## {problem}", "", f"Reference: {info['reference']}; {info['noises']} test noises; best "
                   f"training-free: {info['best_label']} ({info['best_rmse']:.4g}).", "",
-                  "| recipe | budget | ratio | evaluations | to the table | estimate | wall s | trajectories | teacher M | grid, init |",
+                  "| recipe | budget | ratio | evaluations | to the table | estimate | wall s | trajectories | teacher M "
+                  "| grid, init |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             est = f"{r['estimate']:,}" if r["estimate"] else "-"

@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--budget", help="model evaluations (e.g. 200000), a duration of model time at the speed "
                    "measured on your model (90s, 10min, 1h), 'auto' (the default recipe's: 700000 evaluations and "
-                   "20 s of model time) or 'off': the default recipe's trajectories, validation and candidates shrink to fit")
+                   "20 s of model time) or 'off': the default recipe's trajectories, validation and candidates "
+                   "shrink to fit")
     p.add_argument("--dry-run", action="store_true", help="print the settings and the estimated cost (evaluations "
                    "per phase, measured seconds per evaluation, model time) and stop, without distilling")
     p.add_argument("--allow-worse", action="store_true",

@@ -95,12 +95,11 @@ def budget_sizes_path(checkpoint) -> Path | None:
     return None if checkpoint is None else Path(checkpoint).with_name(Path(checkpoint).name + ".budget.json")
 
 
-
 def plan(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "default", **kwargs: Any) -> dict[str, Any]:
     """What ``distill`` with the same arguments would do and cost, without doing it: its settings (after the
     budget), the estimated model evaluations per phase (cold cache) and the measured seconds per evaluation
     with the model time they make (a few evaluations of the model, counted in ``estimate["phases"]["probe"]``)."""
-    from .estimate import describe, measure_seconds, model_seconds
+    from .estimate import describe, estimate, measure_seconds, model_seconds
 
     for name in ("checkpoint", "checkpoint_every", "resume", "init_from", "on_iteration"):
         kwargs.pop(name, None)
@@ -109,11 +108,9 @@ def plan(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "defaul
     if seconds is None:
         with run.meter.phase("probe"):
             seconds = measure_seconds(run)
-    from .estimate import estimate
-
     est = estimate(run)
-    return {"config": run.cfg.as_dict(), "estimate": est, "seconds": seconds, "model_seconds": model_seconds(est, seconds),
-            "budget": run.budget, "line": describe(est, seconds) + (f"; {run.budget['note']}" if run.budget else "")}
+    return {"config": run.cfg.as_dict(), "estimate": est, "seconds": seconds,
+            "model_seconds": model_seconds(est, seconds), "budget": run.budget, "line": describe(est, seconds) + (f"; {run.budget['note']}" if run.budget else "")}
 
 
 def _freeze(model: Any) -> list[tuple[torch.nn.Parameter, bool]]:

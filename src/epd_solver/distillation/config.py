@@ -203,7 +203,8 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
                     rollout="teacher_forced", bptt="detached", plugin_order=None)
     # default: see benchmarks/results/distill_recipes_digits.md and _synthetic.md
     return dict(schedule=AUTO, schedule_kwargs={}, afs=True, k=2, parameterization="ordered",
-                init=AUTO, select_noises=AUTO, select_after=1, finalists=1, scale_dir=0.05, scale_time=0.05, teacher="dpm_2",
+                init=AUTO, select_noises=AUTO, select_after=1, finalists=1, scale_dir=0.05, scale_time=0.05,
+                teacher="dpm_2",
                 teacher_points=AUTO, teacher_tolerance=0.3, teacher_max_points=15, budget="auto",
                 teacher_subgrid="logsnr", rollout="free", bptt="full", loss="final", optimizer="lbfgs", lr=1.0,
                 lr_floor=0.0, trajectories=512, batch=128, lbfgs_rounds=4, lbfgs_iterations=15, progressive=True,

@@ -189,7 +189,8 @@ def describe(est: dict[str, Any], seconds: dict[str, float] | None = None) -> st
             f"{parts}; teacher M = {est['teacher_points']} {est['teacher_points_source']})")
     if seconds:
         eta = model_seconds(est, seconds)
-        line += (f"; measured {seconds['forward_s'] * 1e3:.3g} ms per evaluation (+{seconds['backward_s'] * 1e3:.3g} ms "
+        line += (f"; measured {seconds['forward_s'] * 1e3:.3g} ms per evaluation "
+                 f"(+{seconds['backward_s'] * 1e3:.3g} ms "
                  f"backward): model time ~{_duration(eta)}")
     return line
 
