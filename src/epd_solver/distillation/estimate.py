@@ -88,13 +88,15 @@ def estimate(run, cfg=None) -> dict[str, Any]:
 
     # references of the selection and check sets (or one shared by several grids without a selection set)
     ref_evals = SELECTION_REFERENCE[3] - 1
-    if s:
-        fwd["references"] = (s + check) * ref_evals
+    if s:  # the check set only for the verdict
+        fwd["references"] = (s + (check if c.compare else 0)) * ref_evals
     elif n_cand > 1:
         fwd["references"] = v * ref_evals
 
-    # training-free field on the validation noises, and its best rescored on the check set
-    fwd["baselines"] = world * v * _field_per_noise(run, c) + (CHECK_BASELINES * check * c.nfe if s else 0)
+    # training-free field on the validation noises (the teacher check's bar, and the verdict's), and the verdict's
+    # best rescored on the check set
+    rescored = CHECK_BASELINES * check * c.nfe if s and c.compare else 0
+    fwd["baselines"] = world * v * _field_per_noise(run, c) + rescored
 
     # training and the validations during it
     if c.optimizer == "lbfgs":
@@ -128,8 +130,6 @@ def estimate(run, cfg=None) -> dict[str, Any]:
     # verdict: the chosen tables on the validation and check sets
     if c.compare:
         fwd["verdict"] = world * v * per_traj + (check * per_traj if s else 0)
-    else:
-        fwd["baselines"] = 0.0
     phases = {p: {"forward": int(round(fwd[p])), "backward": int(round(bwd.get(p, 0)))} for p in fwd if fwd[p]}
     if run.meter.forward["probe"]:
         phases = {"probe": {"forward": run.meter.forward["probe"], "backward": run.meter.backward["probe"]}, **phases}
