@@ -1,0 +1,167 @@
+"""The learned-weights family ("lw"): iPNDM at its init, the rollout against a loop written from the formula, its
+parameter files (round trip, malformed files refused) and its NFE (one evaluation per step)."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from epd_solver.contract import NFECounter
+from epd_solver.epd import EPDParams, LWTables, ParamsError, ParamsFileError, lw_rollout, sample_epd, sample_lw
+from epd_solver.problems import digits_mixture
+from epd_solver.sampling import get_sampler
+from epd_solver.schedules import get_sigmas
+
+F64 = torch.float64
+GRIDS = [("time_uniform", {}), ("polynomial", {"rho": 7.0}), ("logsnr", {})]
+
+
+def grid(name, kw, n):
+    return get_sigmas(name, n, 0.002, 80.0, **kw)
+
+
+def noise(b=4, seed=0):
+    return 80 * torch.randn(b, 64, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def lw_params(n, afs, order=4, init="deterministic", seed=0, scale_time=0.05, sigmas=None):
+    sigmas = grid("time_uniform", {}, n) if sigmas is None else sigmas
+    tables = LWTables(n - 1, order, scale_time, init, seed)
+    return EPDParams.from_tables(tables, sigmas=sigmas, afs=afs, solver="lw", plugin_order=order)
+
+
+@pytest.mark.parametrize("name,kw", GRIDS)
+@pytest.mark.parametrize("afs", [False, True])
+def test_untrained_tables_are_the_librarys_ipndm_to_the_bit(name, kw, afs):
+    gmm = digits_mixture()
+    x = noise()
+    for n in (2, 4, 7):
+        sig = grid(name, kw, n)
+        for order in (1, 2, 3, 4):
+            p = lw_params(n, afs, order, sigmas=sig)
+            ours = sample_lw(gmm, x, sig, params=p)
+            ipndm = get_sampler("ipndm")(gmm, x, sig, afs=afs, max_order=order)
+            assert torch.equal(ours, ipndm), (n, order, (ours - ipndm).abs().max())
+
+
+def reference(model, x, sigmas, w, a, afs):
+    """x_{i+1} = x_i + (s_{i+1} - s_i) sum_j w[i][j] d_{i-j}, d_i = (x_i - D(x_i; a_i s_i)) / s_i, written from the
+    formula with Python floats."""
+    s, w, a = sigmas.tolist(), w.tolist(), [row[0] for row in a.tolist()]
+    hist = []
+    for i in range(len(s) - 1):
+        if afs and i == 0:
+            d = x / math.sqrt(1 + s[0] ** 2)
+        else:
+            d = (x - model(x, torch.full((x.shape[0],), a[i] * s[i], dtype=F64))) / s[i]
+        hist.insert(0, d)
+        step = torch.zeros_like(x)
+        for j in range(min(i + 1, len(w[i]))):
+            step = step + w[i][j] * hist[j]
+        x = x + (s[i + 1] - s[i]) * step
+    return x
+
+
+@pytest.mark.parametrize("afs", [False, True])
+def test_rollout_with_random_tables_equals_the_formula(afs):
+    gmm = digits_mixture()
+    x = noise(seed=1)
+    for n, order, seed in ((3, 4, 0), (5, 2, 1), (7, 4, 2), (6, 3, 3)):
+        sig = grid("polynomial", {"rho": 7.0}, n)
+        p = lw_params(n, afs, order, "randn", seed, scale_time=0.2, sigmas=sig)
+        w, a = p.values()
+        assert torch.any(a != 1) and torch.any(w != LWTables(n - 1, order).natural()[0])
+        ours = sample_lw(gmm, x, sig, params=p)
+        ref = reference(gmm, x, sig, w, a, afs)
+        assert (ours - ref).abs().max() <= 1e-12 * ref.abs().max()
+        assert torch.equal(sample_epd(gmm, x, sig, p), ours)  # the file's solver kind picks the sampler
+
+
+def test_rollout_is_differentiable_in_the_tables():
+    gmm = digits_mixture()
+    x = noise(2, seed=2)
+    sig = grid("time_uniform", {}, 4)
+    tables = LWTables(3, 4, 0.2, "randn", 5)
+
+    def end(offsets, theta):  # LWTables.natural() at raw tables (offsets, theta)
+        w = tables.base + tables.mask * offsets
+        a = 1 + tables.scale_time * torch.tanh(theta / 4)
+        return lw_rollout(gmm, x, sig, w, a)
+
+    inputs = tuple(v.detach().clone().requires_grad_() for v in (tables.weight_offsets, tables.time_logits))
+    assert torch.autograd.gradcheck(end, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("afs", [False, True])
+def test_one_evaluation_per_step(afs):
+    gmm = digits_mixture()
+    x = noise(3)
+    for n in (3, 6, 9):
+        p = lw_params(n, afs, init="randn", seed=n)
+        counter = NFECounter(gmm, x.shape[0])
+        calls = []
+        sample_lw(counter, x, p.sigmas, None, lambda info: calls.append(info["i"]), params=p)
+        assert (counter.rounds, counter.rows / x.shape[0]) == (n - 1 - afs, n - 1 - afs)
+        assert calls == list(range(n - 1))
+        assert (p.nfe()["para_nfe"], p.nfe()["evaluations"]) == (n - 1 - afs, n - 1 - afs)
+        _, info = sample_lw(gmm, x, torch.cat([p.sigmas, torch.zeros(1, dtype=F64)]), params=p, return_info=True)
+        assert (info.nfe.para_nfe, info.nfe.evaluations) == (n - afs, n - afs)  # + the step to sigma = 0
+
+
+def test_file_round_trip(tmp_path):
+    gmm = digits_mixture()
+    p = lw_params(6, True, 3, "randn", 4)
+    path = p.save(tmp_path / "lw.safetensors")
+    q = EPDParams.load(path)
+    assert (q.solver, q.k, q.plugin_order, q.parameterization, q.afs) == ("lw", 1, 3, "additive", True)
+    assert set(q.extra) == {"history_weights"} and torch.equal(q.extra["history_weights"], p.extra["history_weights"])
+    assert torch.equal(q.time_scale, p.time_scale) and q.nfe() == p.nfe()
+    x = noise()
+    assert torch.equal(sample_lw(gmm, x, q.sigmas, params=path), sample_lw(gmm, x, p.sigmas, params=p))
+    t = q.to_tables()
+    assert isinstance(t, LWTables) and all(torch.equal(u, v) for u, v in zip(t.natural(), q.values()))
+
+
+def write(tmp_path, tensors, header, name="bad.safetensors"):
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"epd_solver": json.dumps(header)})
+    return path
+
+
+def parts(p):
+    tensors = {n: getattr(p, n) for n in ("r", "weights", "dir_scale", "time_scale", "sigmas")}
+    tensors.update(p.extra)
+    tensors.update({f"raw.{n}": v for n, v in p.raw.items()})
+    return tensors, p.header()
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda t, h: t.update(history_weights=t["history_weights"][:, :2].clone()), "history_weights must have shape"),
+    (lambda t, h: t["history_weights"].__setitem__((2, 0), float("nan")), "history_weights contains NaN"),
+    (lambda t, h: t.update(extra_table=torch.zeros(3)), "unexpected tensors \\['extra_table'\\]"),
+    (lambda t, h: t.pop("history_weights"), "missing tensors \\['history_weights'\\]"),
+    (lambda t, h: t["history_weights"].__setitem__((0, 1), 0.5), "j > i"),
+    (lambda t, h: t["r"].fill_(0.5), "K = 1, r = 0"),
+    (lambda t, h: t["history_weights"].__setitem__((3, 1), 7.0), "raw tables do not reproduce the stored "
+                                                                  "history_weights"),
+    (lambda t, h: h.update(plugin_order=4), "history_weights must have shape"),
+    (lambda t, h: h.update(parameterization="ordered"), "parameterization must be one of \\('additive', 'natural'\\)"),
+    (lambda t, h: h.update(solver="epd"), "unexpected tensors \\['history_weights'\\]"),
+])
+def test_malformed_files_are_refused(tmp_path, mutate, match):
+    tensors, header = parts(lw_params(6, True, 3, "randn", 4))
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    mutate(tensors, header)
+    with pytest.raises(ParamsFileError, match=match):
+        EPDParams.load(write(tmp_path, tensors, header))
+
+
+def test_constructor_refuses_wrong_family_tensors():
+    p = lw_params(4, False)
+    with pytest.raises(ParamsError, match="stores the tensors \\['history_weights'\\]"):
+        EPDParams(p.r, p.weights, p.dir_scale, p.time_scale, p.sigmas, solver="lw", plugin_order=4)
+    with pytest.raises(ParamsError, match="stores the tensors \\[\\]"):
+        EPDParams([[0.5]] * 3, [[1.0]] * 3, [[1.0]] * 3, [[1.0]] * 3, p.sigmas, extra=p.extra)
