@@ -75,10 +75,14 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "amed_plugin": ("amed_plugin", "amed", {}, "AMED-Plugin over iPNDM, AMED's recipe (per-step table)"),
     "amed+default": ("amed", "default", {}, "AMED-Solver table trained with the default recipe"),
     "amed_plugin+default": ("amed_plugin", "default", {}, "AMED-Plugin table trained with the default recipe"),
+    "lw": ("lw", "default", {}, "learned multistep weights (one evaluation per step: Para.NFE = evaluations), "
+           "default recipe: iPNDM init, final loss, L-BFGS, selection set"),
 }
 
 
 def evaluations(solver: str, k: int, nfe: int, afs: bool = True) -> int:
+    if solver == "lw":  # one evaluation per step
+        return nfe
     steps = (nfe + int(afs)) // 2
     return steps * ((1 if solver.startswith("amed") else k) + 1) - int(afs)
 

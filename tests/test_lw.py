@@ -87,7 +87,7 @@ def test_rollout_is_differentiable_in_the_tables():
 
     def end(offsets, theta):  # LWTables.natural() at raw tables (offsets, theta)
         w = tables.base + tables.mask * offsets
-        a = 1 + tables.scale_time * torch.tanh(theta / 4)
+        a = 1 + tables.scale_time * torch.tanh(theta / tables.scale_time)
         return lw_rollout(gmm, x, sig, w, a)
 
     inputs = tuple(v.detach().clone().requires_grad_() for v in (tables.weight_offsets, tables.time_logits))
@@ -165,3 +165,36 @@ def test_constructor_refuses_wrong_family_tensors():
         EPDParams(p.r, p.weights, p.dir_scale, p.time_scale, p.sigmas, solver="lw", plugin_order=4)
     with pytest.raises(ParamsError, match="stores the tensors \\[\\]"):
         EPDParams([[0.5]] * 3, [[1.0]] * 3, [[1.0]] * 3, [[1.0]] * 3, p.sigmas, extra=p.extra)
+
+
+S = 0.5  # the toy data's standard deviation: N(0, S^2 I), whose ODE flow map is known in closed form
+
+
+def gauss(x, sigma):
+    return x * (S**2 / (S**2 + sigma[:, None] ** 2))
+
+
+def test_distill_lw_trains_on_the_final_state_and_beats_its_ipndm_start(tmp_path):
+    from epd_solver.distillation import distill, make_config
+    from epd_solver.distillation.noise import SeedRange, trajectory_noise
+
+    p = distill(gauss, "lw", 4, shape=(4,), sigma_min=0.002, sigma_max=80.0, afs=False, schedule="time_uniform",
+                teacher_points=15, trajectories=16, batch=8, val_trajectories=8, lbfgs_rounds=2,
+                lbfgs_iterations=10, compare=False, select_noises=0)
+    assert (p.solver, p.k, p.steps, p.plugin_order, p.parameterization) == ("lw", 1, 4, 4, "additive")
+    assert (p.nfe()["para_nfe"], p.nfe()["evaluations"]) == (4, 4)
+    assert p.meta["config"]["loss"] == "final" and p.meta["config"]["optimizer"] == "lbfgs"
+    x0 = 80.0 * trajectory_noise((4,), SeedRange(3 * 10**9, 64))  # unseen noises
+    exact = x0 * math.sqrt((S**2 + 0.002**2) / (S**2 + 80.0**2))
+    err = lambda out: float((out - exact).abs().max() / exact.abs().max())  # noqa: E731
+    before = err(get_sampler("ipndm")(gauss, x0, p.sigmas))
+    after = err(sample_lw(gauss, x0, p.sigmas, params=p))
+    assert after < before / 10, (before, after)
+    q = EPDParams.load(p.save(tmp_path / "lw.safetensors"))  # the record (meta.config) agrees with the file
+    assert torch.equal(q.extra["history_weights"], p.extra["history_weights"])
+    cfg = make_config("lw", 5)
+    assert (cfg.k, cfg.scale_dir, cfg.n_points, cfg.evaluations) == (1, 0.0, 5 + cfg.afs + 1, 5)
+    with pytest.raises(ValueError, match="default recipe only"):
+        make_config("lw", 5, "official")
+    with pytest.raises(ValueError, match="K = 1"):
+        make_config("lw", 5, k=2)

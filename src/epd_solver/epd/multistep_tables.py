@@ -2,9 +2,9 @@
 
 One parameterisation, ``"additive"``: the history weights are iPNDM's Adams-Bashforth coefficients plus a raw
 offset, w = AB + delta (unconstrained, delta only where step i has the direction; elsewhere w = 0), and the
-time scale is a = 1 + s_t tanh(theta / 4), as EPD's (``scale_time = 0`` pins a to 1). Inits:
-``"deterministic"``: delta = theta = 0, i.e. iPNDM exactly; ``"randn"``: delta ~ 0.1 N(0, 1) and theta ~ N(0, 1)
-(float64, ``torch.Generator`` seeded with ``seed``), the random restarts of a recipe.
+time scale is a = 1 + s_t tanh(theta / s_t): within s_t of 1, with unit slope at theta = 0 (``scale_time = 0``
+pins a to 1). Inits: ``"deterministic"``: delta = theta = 0, i.e. iPNDM exactly; ``"randn"``: delta, theta ~
+0.1 N(0, 1) (float64, ``torch.Generator`` seeded with ``seed``), the random restarts of a recipe.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class LWTables(torch.nn.Module):
         if init == "randn":
             gen = torch.Generator().manual_seed(self.seed)
             offsets = 0.1 * torch.randn(steps, order, generator=gen, dtype=torch.float64) * self.mask
-            theta = torch.randn(steps, 1, generator=gen, dtype=torch.float64)
+            theta = 0.1 * torch.randn(steps, 1, generator=gen, dtype=torch.float64)
         self.weight_offsets = torch.nn.Parameter(offsets.to(dtype))
         self.time_logits = torch.nn.Parameter(theta.to(dtype))
 
@@ -59,7 +59,8 @@ class LWTables(torch.nn.Module):
     def natural(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(history weights (steps, m), time scale (steps, 1)): what :func:`lw_rollout` takes (differentiable)."""
         w = self.base.to(self.weight_offsets.dtype) + self.mask.to(self.weight_offsets.dtype) * self.weight_offsets
-        a = 1 + self.scale_time * torch.tanh(self.time_logits / 4)
+        s_t = self.scale_time
+        a = 1 + (s_t * torch.tanh(self.time_logits / s_t) if s_t > 0 else 0 * self.time_logits)
         return w, a
 
     def file_values(self) -> dict[str, torch.Tensor]:
@@ -105,5 +106,5 @@ class LWTables(torch.nn.Module):
         elif not torch.all(u.abs() < self.scale_time):
             raise ValueError(f"time scales must lie strictly within scale_time = {self.scale_time} of 1")
         else:
-            theta = 4 * torch.atanh(u / self.scale_time)
+            theta = self.scale_time * torch.atanh(u / self.scale_time)
         return self.load_raw_({"weight_offsets": (w - self.base) * self.mask, "time_logits": theta})
