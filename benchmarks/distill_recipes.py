@@ -77,6 +77,11 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "amed_plugin+default": ("amed_plugin", "default", {}, "AMED-Plugin table trained with the default recipe"),
     "lw": ("lw", "default", {}, "learned multistep weights (one evaluation per step: Para.NFE = evaluations), "
            "default recipe: iPNDM init, final loss, L-BFGS, selection set"),
+    "lw-iter40": ("lw", "default", {"lbfgs_iterations": 40}, "lw with 40 L-BFGS iterations a round (default 80)"),
+    "lw-rho7": ("lw", "default", {"schedule": "polynomial", "schedule_kwargs": {"rho": 7.0}},
+                "lw on the polynomial rho = 7 grid (iPNDM's paper grid) instead of the recipe's choice"),
+    "lw-noafs": ("lw", "default", {"afs": False}, "lw without AFS (one more evaluated step)"),
+    "lw-st0.05": ("lw", "default", {"scale_time": 0.05}, "lw with time scales within 0.05 of 1 (default 0.4)"),
 }
 
 
