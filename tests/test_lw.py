@@ -159,6 +159,17 @@ def test_malformed_files_are_refused(tmp_path, mutate, match):
         EPDParams.load(write(tmp_path, tensors, header))
 
 
+def test_natural_values_without_raw_tables():
+    gmm = digits_mixture()
+    p = lw_params(5, True, 3, "randn", 7)
+    w, a = p.values()
+    q = EPDParams.from_values([[0.0]] * 4, [[1.0]] * 4, None, a, sigmas=p.sigmas, afs=True, solver="lw",
+                              plugin_order=3, extra={"history_weights": w})
+    assert q.parameterization == "natural" and not q.raw
+    x = noise()
+    assert torch.equal(sample_lw(gmm, x, q.sigmas, params=q), sample_lw(gmm, x, p.sigmas, params=p))
+
+
 def test_constructor_refuses_wrong_family_tensors():
     p = lw_params(4, False)
     with pytest.raises(ParamsError, match="stores the tensors \\['history_weights'\\]"):

@@ -206,12 +206,12 @@ class EPDParams:
         """From natural values (lists or tensors of shape (N-1, K)); c = a = 1 where not given.
 
         ``solver`` defaults to ``"epd"`` (``"epd_plugin"`` when ``plugin_order`` is given). The keywords
-        ``parameterization``, ``scale_dir``, ``scale_time`` and ``raw`` set those fields; all other
-        keywords go to ``meta``.
+        ``parameterization``, ``scale_dir``, ``scale_time``, ``raw`` and ``extra`` (the family's own tensors,
+        e.g. ``{"history_weights": w}`` for ``solver="lw"``) set those fields; all other keywords go to ``meta``.
         """
         r = _f64(r, "r")
         ones = torch.ones(r.shape, dtype=torch.float64)
-        fields = {k: meta.pop(k) for k in ("parameterization", "scale_dir", "scale_time", "raw") if k in meta}
+        fields = {k: meta.pop(k) for k in ("parameterization", "scale_dir", "scale_time", "raw", "extra") if k in meta}
         meta.setdefault("version", _library_version())
         solver = solver or ("epd" if plugin_order is None else "epd_plugin")
         return cls(r, weights, ones if dir_scale is None else dir_scale, ones if time_scale is None else time_scale,
