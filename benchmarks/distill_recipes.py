@@ -82,6 +82,7 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
                 "lw on the polynomial rho = 7 grid (iPNDM's paper grid) instead of the recipe's choice"),
     "lw-noafs": ("lw", "default", {"afs": False}, "lw without AFS (one more evaluated step)"),
     "lw-st0.05": ("lw", "default", {"scale_time": 0.05}, "lw with time scales within 0.05 of 1 (default 0.4)"),
+    "lw-learn-grid": ("lw", "default", {"learn_grid": True}, "lw with the interior grid points learned (--learn-grid)"),
 }
 
 

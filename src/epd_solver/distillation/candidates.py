@@ -15,7 +15,7 @@ import torch
 from ..epd import EPDParams, EPDTables, LWTables
 from ..schedules import schedule_label
 from .config import AUTO, GRID_CANDIDATES, INIT_CANDIDATES, DistillConfig
-from .grid import GridTables
+from .grid import GridTables, LWGridTables
 from .losses import DistillLoss
 from .student import Student
 from .train import TrainData, Trainer
@@ -55,7 +55,8 @@ class Candidates:
             if c.solver == "lw":
                 if init_from is not None:
                     raise ValueError("init_from (a warm start) is not supported for the learned-weights solver 'lw'")
-                return LWTables(c.n_points - 1, c.plugin_order, c.scale_time, init, seed, sigmas=self.sigmas)
+                cls = LWGridTables if c.learn_grid else LWTables
+                return cls(c.n_points - 1, c.plugin_order, c.scale_time, init, seed, sigmas=self.sigmas)
             cls = GridTables if c.learn_grid else EPDTables
             t = cls(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, init, seed,
                     sigmas=self.sigmas)

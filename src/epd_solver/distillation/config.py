@@ -102,9 +102,8 @@ class DistillConfig:
         lw = self.solver == "lw"
         if lw and self.k != 1:
             raise ValueError(f"lw evaluates once per step (no branches): K = 1, got k={self.k}")
-        if lw and (self.scale_dir != 0 or self.learn_grid):
-            raise ValueError("lw has no direction scale (its weights carry the step size: scale_dir=0) and no "
-                             "learned grid (learn_grid=False)")
+        if lw and self.scale_dir != 0:
+            raise ValueError("lw has no direction scale (its weights carry the step size): scale_dir=0")
         if not lw and (self.nfe + int(self.afs)) % 2:
             raise ValueError(f"Para.NFE {self.nfe} with afs={self.afs} is not reachable: EPD spends 2 rounds per "
                              "step minus 1 with AFS (odd Para.NFE needs AFS, even needs none)")
