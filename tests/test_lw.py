@@ -209,3 +209,20 @@ def test_distill_lw_trains_on_the_final_state_and_beats_its_ipndm_start(tmp_path
         make_config("lw", 5, "official")
     with pytest.raises(ValueError, match="K = 1"):
         make_config("lw", 5, k=2)
+
+
+def test_mutated_lw_files_are_refused_or_load_unchanged(tmp_path):
+    """500 seeded mutations of an lw file (metadata values, tensor entries, header and data bytes): every one a
+    ParamsFileError or a file whose header and values (history_weights included) are the original's."""
+    import random
+
+    import params_fuzz as fuzz
+
+    source = lw_params(6, True, 3, "randn", 4).save(tmp_path / "lw.safetensors")
+    data, ref, rng = source.read_bytes(), EPDParams.load(source), random.Random(20)
+    path = tmp_path / "m.safetensors"
+    counts = {"refused": 0, "loaded": 0}
+    for _ in range(500):
+        path.write_bytes(fuzz.mutate(data, rng))
+        counts[fuzz.check_load(path, ref)] += 1
+    assert counts["refused"] > 300 and counts["refused"] + counts["loaded"] == 500, counts
