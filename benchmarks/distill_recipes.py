@@ -83,6 +83,8 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "lw-noafs": ("lw", "default", {"afs": False}, "lw without AFS (one more evaluated step)"),
     "lw-st0.05": ("lw", "default", {"scale_time": 0.05}, "lw with time scales within 0.05 of 1 (default 0.4)"),
     "lw-learn-grid": ("lw", "default", {"learn_grid": True}, "lw with the interior grid points learned (--learn-grid)"),
+    "epd_lw": ("epd_lw", "default", {}, "EPD (K = 2) on the learned-weights host: branch points along a learned "
+               "combination of the history (iPNDM order 4 at init, i.e. EPD-Plugin), default recipe"),
 }
 
 

@@ -388,3 +388,19 @@ def test_learned_grid_keeps_the_end_points_and_is_what_the_file_samples(tmp_path
     assert err == pytest.approx(p.meta["training"]["best_val_rmse"], rel=1e-9)
     with pytest.raises(ValueError, match="learn_grid needs loss='final'"):
         distill(gm, "epd", 5, learn_grid=True, loss="per_step", trajectories=4, cache_dir=tmp_path)
+
+
+def test_lbfgs_line_search_shortens_a_step_into_an_undefined_region():
+    """A trial point where the loss is undefined (FloatingPointError, e.g. a learned grid whose points collapse)
+    is a step too long, not the end of the round: min (x - 1)^2 over the region x <= 0.5 ends inside it."""
+    from epd_solver.distillation.optim import lbfgs
+
+    def fun(x):
+        if float(x[0]) > 0.5:
+            raise FloatingPointError("outside")
+        return float((x[0] - 1) ** 2), 2 * (x - 1)
+
+    out = lbfgs(fun, torch.tensor([-3.0], dtype=torch.float64), 20)
+    assert 0.4 < float(out.x[0]) <= 0.5 and out.f < 16
+    with pytest.raises(FloatingPointError):  # the start point itself still propagates
+        lbfgs(fun, torch.tensor([2.0], dtype=torch.float64), 5)

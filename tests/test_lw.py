@@ -226,3 +226,78 @@ def test_mutated_lw_files_are_refused_or_load_unchanged(tmp_path):
         path.write_bytes(fuzz.mutate(data, rng))
         counts[fuzz.check_load(path, ref)] += 1
     assert counts["refused"] > 300 and counts["refused"] + counts["loaded"] == 500, counts
+
+
+# -- EPD on the learned-weights host ("epd_lw") ----------------------------------------------------------------
+
+def epd_lw_params(n, afs, k=2, order=4, seed=0, host_offsets=None):
+    from epd_solver.epd import EPDLWTables
+
+    sig = grid("polynomial", {"rho": 7.0}, n)
+    tables = EPDLWTables(n - 1, k, init="randn", seed=seed, order=order, sigmas=sig)
+    offsets = torch.zeros(n - 1, order, dtype=F64) if host_offsets is None else host_offsets * tables.host.mask
+    tables.host.load_raw_({"weight_offsets": offsets, "time_logits": torch.zeros(n - 1, 1, dtype=F64)})
+    return EPDParams.from_tables(tables, sigmas=sig, afs=afs, solver="epd_lw", plugin_order=order)
+
+
+@pytest.mark.parametrize("afs", [False, True])
+def test_epd_lw_at_the_host_init_is_epd_plugin(afs):
+    gmm = digits_mixture()
+    x = noise(seed=3)
+    for n, order in ((3, 2), (5, 3), (6, 4)):
+        p = epd_lw_params(n, afs, order=order, seed=n)
+        plugin = EPDParams.from_values(p.r, p.weights, p.dir_scale, p.time_scale, sigmas=p.sigmas, afs=afs,
+                                       solver="epd_plugin", plugin_order=order)
+        ours, info = sample_epd(gmm, x, p.sigmas, p, return_info=True)
+        ref = sample_epd(gmm, x, p.sigmas, plugin)
+        assert (ours - ref).abs().max() <= 1e-13 * ref.abs().max()
+        assert (info.nfe.para_nfe, info.nfe.evaluations) == (2 * (n - 1) - afs, 3 * (n - 1) - afs) \
+            == (p.nfe()["para_nfe"], p.nfe()["evaluations"])
+
+
+def test_epd_lw_with_random_host_weights_equals_the_formula():
+    """Branch points along sum_j w[i][j] d_{i-j} (the history of base directions only), one EPD step each
+    (``epd_step``, tested against hand-written steps in test_epd_step.py)."""
+    from epd_solver.epd import epd_step
+
+    gmm = digits_mixture()
+    x0 = noise(seed=4)
+    offsets = 0.3 * torch.randn(5, 4, generator=torch.Generator().manual_seed(9), dtype=F64)
+    p = epd_lw_params(6, True, order=4, seed=2, host_offsets=offsets)
+    w = p.extra["history_weights"].tolist()
+    s = p.sigmas.tolist()
+    x, hist = x0, []
+    for i in range(5):
+        if i == 0:
+            d = x / math.sqrt(1 + s[0] ** 2)
+        else:
+            d = (x - gmm(x, torch.full((x.shape[0],), s[i], dtype=F64))) / s[i]
+        hist.insert(0, d)
+        direction = sum(w[i][j] * hist[j] for j in range(min(i + 1, 4)))
+        x = epd_step(gmm, x, s[i], s[i + 1], p.r[i], p.weights[i], p.dir_scale[i], p.time_scale[i], direction)
+    ours = sample_epd(gmm, x0, p.sigmas, p)
+    assert (ours - x).abs().max() <= 1e-12 * x.abs().max()
+
+
+def test_epd_lw_file_round_trip_and_refusals(tmp_path):
+    p = epd_lw_params(5, False, order=3, host_offsets=torch.ones(4, 3, dtype=F64))
+    q = EPDParams.load(p.save(tmp_path / "e.safetensors"))
+    assert (q.solver, q.k, q.plugin_order) == ("epd_lw", 2, 3)
+    assert all(torch.equal(u, v) for u, v in zip(q.values(), p.values())) and len(q.values()) == 5
+    tensors, header = parts(p)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors["history_weights"] = tensors["history_weights"][:, :2].clone()
+    with pytest.raises(ParamsFileError, match="history_weights must have shape"):
+        EPDParams.load(write(tmp_path, tensors, header))
+
+
+def test_distill_epd_lw(tmp_path):
+    from epd_solver.distillation import distill
+
+    p = distill(gauss, "epd_lw", 5, shape=(4,), sigma_min=0.002, sigma_max=80.0, schedule="time_uniform",
+                teacher_points=7, trajectories=16, batch=8, val_trajectories=8, lbfgs_rounds=1, lbfgs_iterations=5,
+                compare=False, select_noises=0)
+    assert (p.solver, p.k, p.plugin_order, p.nfe()["para_nfe"], p.nfe()["evaluations"]) == ("epd_lw", 2, 4, 5, 8)
+    q = EPDParams.load(p.save(tmp_path / "e.safetensors"))
+    x = noise(seed=5)[:, :4]
+    assert torch.equal(sample_epd(gauss, x, q.sigmas, q), sample_epd(gauss, x, p.sigmas, p))

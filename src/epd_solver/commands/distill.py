@@ -34,8 +34,9 @@ def add_parser(sub) -> None:
                     "Options left out take the recipe's value.")
     p.add_argument("--model", default="digits", help="digits (default) | digits-cond | gmm:digits | "
                    "gmm:digits-cond | gmm:synthetic | module:function | diffusers:PATH")
-    p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed, amed_plugin or lw "
-                   "(learned multistep weights: one evaluation per step, Para.NFE = evaluations)")
+    p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed, amed_plugin, lw "
+                   "(learned multistep weights: one evaluation per step, Para.NFE = evaluations) or epd_lw "
+                   "(EPD on the learned-weights host)")
     p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
                    help="named defaults (default: default); the options below override single settings")

@@ -102,6 +102,8 @@ class DistillConfig:
         lw = self.solver == "lw"
         if lw and self.k != 1:
             raise ValueError(f"lw evaluates once per step (no branches): K = 1, got k={self.k}")
+        if self.solver == "epd_lw" and self.learn_grid:
+            raise ValueError("learn_grid is not available for epd_lw")
         if lw and self.scale_dir != 0:
             raise ValueError("lw has no direction scale (its weights carry the step size): scale_dir=0")
         if not lw and (self.nfe + int(self.afs)) % 2:
@@ -191,6 +193,10 @@ def recipe_defaults(recipe: str, solver: str) -> dict[str, Any]:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
     plugin = solver.endswith("_plugin")
+    if solver == "epd_lw":  # EPD's default recipe, its branches along the learned-weights host's direction
+        if recipe != "default":
+            raise ValueError(f"'epd_lw' has the default recipe only, not {recipe!r}")
+        return dict(_default_recipe(), plugin_order=4)
     if solver == "lw":
         if recipe != "default":
             raise ValueError(f"the learned-weights solver 'lw' has the default recipe only, not {recipe!r}")

@@ -34,7 +34,10 @@ class LearnedGrid:
         """The current grid: steps + 1 descending sigmas from sigma_max to sigma_min (differentiable)."""
         lo, hi = self.log_ends[1], self.log_ends[0]
         inner = hi + (lo - hi) * torch.cumsum(torch.softmax(self.grid_logits.to(torch.float64), 0), 0)[:-1]
-        return torch.cat([hi.reshape(1), inner, lo.reshape(1)]).exp()
+        grid = torch.cat([hi.reshape(1), inner, lo.reshape(1)]).exp()
+        if not torch.all(grid[1:] < grid[:-1]):  # a step shrank below float64 resolution: no grid there
+            raise FloatingPointError("the learned grid collapsed (two points coincide)")
+        return grid
 
     def raw(self) -> dict[str, torch.Tensor]:
         return dict(super().raw(), grid_logits=self.grid_logits.detach().to(torch.float64).cpu().clone())

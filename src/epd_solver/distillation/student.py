@@ -5,7 +5,8 @@ Rollout modes: ``free`` runs from x_0 on the student's own states (the official 
 keeps the graph through the whole prefix, so a loss at the last step reaches every row; ``detached`` cuts
 it between steps. Plugin solvers carry an Adams-Bashforth history through the rollout, so they support
 only free rollouts with full BPTT, as does the learned-weights family ``lw`` (``epd/multistep.py``: one evaluation
-per step, its tables an :class:`~epd_solver.epd.LWTables`).
+per step, its tables an :class:`~epd_solver.epd.LWTables`) and EPD on that host ``epd_lw``
+(:class:`~epd_solver.epd.EPDLWTables`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from .conditions import merge_rows
 
 __all__ = ["SOLVERS", "ROLLOUTS", "BPTT_MODES", "Student", "branches_for"]
 
-SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin", "lw")
+SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin", "lw", "epd_lw")
 ROLLOUTS = ("free", "teacher_forced")
 BPTT_MODES = ("full", "detached")
-DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4, "lw": 4}  # "lw": the history length
-HISTORY_SOLVERS = ("epd_plugin", "amed_plugin", "lw")  # a history carried through the rollout
+DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4, "lw": 4, "epd_lw": 4}  # lw, epd_lw: the history length
+HISTORY_SOLVERS = ("epd_plugin", "amed_plugin", "lw", "epd_lw")  # a history carried through the rollout
 
 
 def branches_for(solver: str, k: int) -> int:

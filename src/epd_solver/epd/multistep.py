@@ -24,7 +24,7 @@ from ..denoisers import repeat_cond
 from ..solvers.common import evaluate, report
 from ..solvers.ipndm import ADAMS_BASHFORTH
 
-__all__ = ["MAX_HISTORY", "ipndm_weights", "history_mask", "lw_rollout"]
+__all__ = ["MAX_HISTORY", "ipndm_weights", "history_mask", "check_history_weights", "lw_rollout"]
 
 MAX_HISTORY = max(ADAMS_BASHFORTH)
 
@@ -51,6 +51,23 @@ def history_mask(steps: int, m: int) -> torch.Tensor:
     return torch.arange(m)[None, :] <= torch.arange(steps)[:, None]
 
 
+def check_history_weights(weights: Any, steps: int, plugin_order: Any = None) -> torch.Tensor:
+    """A (steps, m) table of history weights: finite, m in 1..4 (= ``plugin_order`` when given), 0 for j > i."""
+    w = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float64)
+    if w.ndim != 2 or w.shape[0] != steps:
+        raise ValueError(f"history weights must have shape (N-1, m) = ({steps}, m), got {tuple(w.shape)}")
+    m = _check_width(int(w.shape[1]))
+    if plugin_order is not None and plugin_order != m:
+        raise ValueError(f"plugin_order {plugin_order!r} disagrees with the weights' history length {m}")
+    with torch.no_grad():
+        if not torch.isfinite(w).all():
+            raise ValueError("the history weights contain NaN or infinite values")
+        if torch.any(w[~history_mask(steps, m).to(w.device)] != 0):
+            raise ValueError("history weights w[i, j] with j > i weigh a direction step i does not have: they "
+                             "must be 0")
+    return w
+
+
 def _check_tables(x: Any, sigmas: Any, weights: Any, time_scale: Any, plugin_order: Any
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
@@ -59,24 +76,16 @@ def _check_tables(x: Any, sigmas: Any, weights: Any, time_scale: Any, plugin_ord
     if s[-1] == 0:
         raise ValueError("a rollout integrates to sigma_min: pass the grid without its trailing 0")
     s = s.to(device=x.device, dtype=x.dtype)
-    w = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float64)
-    a = time_scale if isinstance(time_scale, torch.Tensor) else torch.as_tensor(time_scale, dtype=torch.float64)
     steps = s.numel() - 1
-    if w.ndim != 2 or w.shape[0] != steps:
-        raise ValueError(f"history weights must have shape (N-1, m) = ({steps}, m), got {tuple(w.shape)}")
-    m = _check_width(int(w.shape[1]))
-    if plugin_order is not None and plugin_order != m:
-        raise ValueError(f"plugin_order {plugin_order!r} disagrees with the weights' history length {m}")
+    w = check_history_weights(weights, steps, plugin_order)
+    a = time_scale if isinstance(time_scale, torch.Tensor) else torch.as_tensor(time_scale, dtype=torch.float64)
     if a.shape != (steps, 1):
         raise ValueError(f"time_scale must have shape (N-1, 1) = ({steps}, 1), got {tuple(a.shape)}")
     with torch.no_grad():
-        if not (torch.isfinite(w).all() and torch.isfinite(a).all()):
+        if not torch.isfinite(a).all():
             raise ValueError("the tables contain NaN or infinite values")
         if not torch.all(a > 0):
             raise ValueError("time scales must be positive")
-        if torch.any(w[~history_mask(steps, m).to(w.device)] != 0):
-            raise ValueError("history weights w[i, j] with j > i weigh a direction step i does not have: they "
-                             "must be 0")
     return s, w, a
 
 

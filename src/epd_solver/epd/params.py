@@ -25,11 +25,11 @@ from ..files import write_atomic
 __all__ = ["EPDParams", "ParamsError", "ParamsFileError", "ParamsMismatchError", "SOLVERS", "FORMAT",
            "FORMAT_VERSION"]
 
-SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin", "lw")
-# the host's Adams-Bashforth order; for "lw" the history length m (the width of its history_weights)
-DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4, "lw": 4}
+SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin", "lw", "epd_lw")
+# the host's Adams-Bashforth order; for "lw" / "epd_lw" the history length m (the width of history_weights)
+DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4, "lw": 4, "epd_lw": 4}
 # natural tensors a solver family stores beside r, weights, dir_scale, time_scale (a closed set per solver)
-FAMILY_TENSORS: dict[str, tuple[str, ...]] = {"lw": ("history_weights",)}
+FAMILY_TENSORS: dict[str, tuple[str, ...]] = {"lw": ("history_weights",), "epd_lw": ("history_weights",)}
 # solvers spending one evaluation per step (at its start: r = 0, weights = 1, dir_scale = 1, K = 1)
 ONE_EVALUATION = ("lw",)
 FORMAT, FORMAT_VERSION = "epd-params", 1
@@ -245,6 +245,12 @@ class EPDParams:
 
             lw = LWTables(self.steps, self.plugin_order, self.scale_time or 0.0, sigmas=self.sigmas, dtype=dtype)
             return lw.load_raw_(self.raw)
+        if self.solver == "epd_lw":
+            from .multistep_tables import EPDLWTables
+
+            hosted = EPDLWTables(self.steps, self.k, self.parameterization, self.scale_dir or 0.0,
+                                 self.scale_time or 0.0, order=self.plugin_order, sigmas=self.sigmas, dtype=dtype)
+            return hosted.load_raw_(self.raw)
         tables = EPDTables(self.steps, self.k, self.parameterization, self.scale_dir or 0.0, self.scale_time or 0.0,
                            sigmas=self.sigmas, dtype=dtype)
         return tables.load_raw_(self.raw)
@@ -268,12 +274,14 @@ class EPDParams:
                      for v in (self.r, self.weights, self.dir_scale, self.time_scale))
 
     def values(self, dtype: torch.dtype | None = None, device: Any = None) -> tuple[torch.Tensor, ...]:
-        """The tables the solver's rollout takes: (r, weights, dir_scale, time_scale), or for ``"lw"``
-        (history_weights, time_scale)."""
+        """The tables the solver's rollout takes: (r, weights, dir_scale, time_scale), for ``"epd_lw"`` followed by
+        history_weights, for ``"lw"`` (history_weights, time_scale)."""
         if self.solver == "lw":
             return tuple(v.to(dtype=dtype or torch.float64, device=device)
                          for v in (self.extra["history_weights"], self.time_scale))
-        return self.natural(dtype, device)
+        extra = tuple(self.extra[n].to(dtype=dtype or torch.float64, device=device)
+                      for n in FAMILY_TENSORS.get(self.solver, ()))
+        return self.natural(dtype, device) + extra
 
     def nfe(self) -> dict[str, Any]:
         """NFE per sample on the grid: Para.NFE = 2(N-1) - [AFS]; evaluations = (N-1)(K+1) - [AFS]; one evaluation
@@ -361,13 +369,14 @@ class EPDParams:
         for name, v in self.extra.items():
             if not torch.isfinite(v).all():
                 raise ParamsError(f"{name} contains NaN or infinite values")
-        if self.solver != "lw":
+        if self.solver == "lw" and (self.k != 1 or torch.any(self.r != 0) or torch.any(self.weights != 1)
+                                    or torch.any(self.dir_scale != 1)):
+            raise ParamsError("solver 'lw' evaluates once per step at its start: K = 1, r = 0, weights = 1 and "
+                              "dir_scale = 1")
+        if "history_weights" not in self.extra:
             return
         from .multistep import history_mask
 
-        if self.k != 1 or torch.any(self.r != 0) or torch.any(self.weights != 1) or torch.any(self.dir_scale != 1):
-            raise ParamsError("solver 'lw' evaluates once per step at its start: K = 1, r = 0, weights = 1 and "
-                              "dir_scale = 1")
         w, shape = self.extra["history_weights"], (self.steps, self.plugin_order)
         if tuple(w.shape) != shape:
             raise ParamsError(f"history_weights must have shape (N-1, plugin_order) = {shape}, got {tuple(w.shape)}")

@@ -25,7 +25,7 @@ from .multistep import lw_rollout
 from .step import amed_plugin_rollout, rollout
 
 __all__ = ["check_model_fit", "model_id_of", "sample_epd", "sample_epd_solver", "sample_epd_plugin", "sample_amed",
-           "sample_amed_plugin", "sample_lw"]
+           "sample_amed_plugin", "sample_lw", "sample_epd_lw"]
 
 
 def model_id_of(model: Any) -> str:
@@ -135,6 +135,13 @@ def sample_amed_plugin(model, x, sigmas, extra_args=None, callback=None, disable
     return _run("amed_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
+@register_sampler("epd_lw", rounds_per_step=2, family="learned", learned=True)
+def sample_epd_lw(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
+                  strategy="batched", allow_other_model=False):
+    """EPD on the learned-weights host: EPD branch points along a learned combination of the history."""
+    return _run("epd_lw", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
+
+
 @register_sampler("lw", rounds_per_step=1, family="learned", learned=True)
 def sample_lw(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
               strategy="batched", allow_other_model=False):
@@ -144,7 +151,7 @@ def sample_lw(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
 
 _BY_SOLVER: dict[str, Callable[..., Any]] = {"epd": sample_epd_solver, "epd_plugin": sample_epd_plugin,
                                              "amed": sample_amed, "amed_plugin": sample_amed_plugin,
-                                             "lw": sample_lw}
+                                             "lw": sample_lw, "epd_lw": sample_epd_lw}
 
 
 def sample_epd(model, x, sigmas, params=None, extra_args=None, callback=None, disable=None, *,
