@@ -75,10 +75,22 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
     "amed_plugin": ("amed_plugin", "amed", {}, "AMED-Plugin over iPNDM, AMED's recipe (per-step table)"),
     "amed+default": ("amed", "default", {}, "AMED-Solver table trained with the default recipe"),
     "amed_plugin+default": ("amed_plugin", "default", {}, "AMED-Plugin table trained with the default recipe"),
+    "lw": ("lw", "default", {}, "learned multistep weights (one evaluation per step: Para.NFE = evaluations), "
+           "default recipe: iPNDM init, final loss, L-BFGS, selection set"),
+    "lw-iter40": ("lw", "default", {"lbfgs_iterations": 40}, "lw with 40 L-BFGS iterations a round (default 80)"),
+    "lw-rho7": ("lw", "default", {"schedule": "polynomial", "schedule_kwargs": {"rho": 7.0}},
+                "lw on the polynomial rho = 7 grid (iPNDM's paper grid) instead of the recipe's choice"),
+    "lw-noafs": ("lw", "default", {"afs": False}, "lw without AFS (one more evaluated step)"),
+    "lw-st0.05": ("lw", "default", {"scale_time": 0.05}, "lw with time scales within 0.05 of 1 (default 0.4)"),
+    "lw-learn-grid": ("lw", "default", {"learn_grid": True}, "lw with the interior grid points learned (--learn-grid)"),
+    "epd_lw": ("epd_lw", "default", {}, "EPD (K = 2) on the learned-weights host: branch points along a learned "
+               "combination of the history (iPNDM order 4 at init, i.e. EPD-Plugin), default recipe"),
 }
 
 
 def evaluations(solver: str, k: int, nfe: int, afs: bool = True) -> int:
+    if solver == "lw":  # one evaluation per step
+        return nfe
     steps = (nfe + int(afs)) // 2
     return steps * ((1 if solver.startswith("amed") else k) + 1) - int(afs)
 

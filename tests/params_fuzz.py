@@ -114,6 +114,9 @@ def check_load(path: Path, ref) -> str:
     assert torch.equal(params.sigmas, ref.sigmas), "a loaded file has another grid"
     for a, b in zip(params.natural(), ref.natural()):
         assert torch.allclose(a, b, rtol=0, atol=1e-9), "a loaded file has other values"
+    assert set(params.extra) == set(ref.extra), "a loaded file has other family tensors"
+    for name, b in ref.extra.items():
+        assert torch.allclose(params.extra[name], b, rtol=0, atol=1e-9), f"a loaded file has another {name}"
     return "loaded"
 
 

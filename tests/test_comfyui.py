@@ -327,6 +327,25 @@ DISTILL_OPTIONS = '{"schedule": "polynomial", "schedule_kwargs": {"rho": 7.0}, "
                   '"val_trajectories": 16, "batch": 16, "lbfgs_rounds": 2, "lbfgs_iterations": 10, "afs": false}'
 
 
+def test_untrained_lw_table_equals_comfyui_ipndm(comfy):
+    """An independent reference: the learned-weights table at its init (iPNDM's coefficients, time scale 1) is
+    iPNDM, which ComfyUI ships as its own "ipndm" sampler (its last step to sigma 0 returns D, as the EPD Sampler
+    does)."""
+    from epd_solver.epd import LWTables
+
+    grid = _model_grid(comfy, 5)
+    table = EPDParams.from_tables(LWTables(5), sigmas=grid, afs=False, solver="lw", plugin_order=4)
+    name = _save(comfy, table, "t_lw.safetensors")
+    sigmas = comfy.mappings["EPDSigmas"]().get_sigmas(comfy.patcher, name)[0]
+    sampler = comfy.mappings["EPDSampler"]().get_sampler(comfy.patcher, name, sigmas)[0]
+    noise = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    comfy.rows.clear()
+    got = _run(comfy, sampler, sigmas, 4.0, noise)
+    assert max(comfy.rows) == 2 * B  # one evaluation per step (the CFG pair in one call)
+    ref = _run(comfy, comfy.comfy.samplers.sampler_object("ipndm"), sigmas, 4.0, noise)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
 def test_epd_distill_node(comfy):
     """Distils for the tiny model under CFG 4 inside ComfyUI's inference mode (as ComfyUI runs nodes); the file
     validates, beats the best training-free solver on the held-out noises and then drives the EPD Sampler."""

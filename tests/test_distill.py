@@ -363,22 +363,23 @@ def test_restarts_continue_from_the_best_start(tmp_path):
     assert p.meta["training"]["init_val_rmse"] == min(t["val_rmse"] for t in tried)
 
 
-def test_learned_grid_keeps_the_end_points_and_is_what_the_file_samples(tmp_path):
+@pytest.mark.parametrize("solver,points", [("epd", 4), ("lw", 7)])
+def test_learned_grid_keeps_the_end_points_and_is_what_the_file_samples(tmp_path, solver, points):
     from epd_solver.distillation.noise import VALIDATION_SEED_BASE, start_states
     from epd_solver.problems import digits_mixture
 
     gm = digits_mixture()
     opts = dict(learn_grid=True, trajectories=32, batch=32, val_trajectories=16, lbfgs_rounds=2, lbfgs_iterations=5,
                 teacher_points=3, cache_dir=tmp_path, compare=False, select_noises=0)
-    p = distill(gm, "epd", 5, **opts)
+    p = distill(gm, solver, 5, **opts)
     s, start = p.sigmas, torch.tensor(p.meta["start_grid"], dtype=torch.float64)
-    assert s.shape == start.shape == (4,)
+    assert p.solver == solver and s.shape == start.shape == (points,)
     assert s[0].item() == pytest.approx(gm.sigma_max, rel=1e-12)
     assert s[-1].item() == pytest.approx(gm.sigma_min, rel=1e-12)
     assert torch.all(s[1:] < s[:-1])
     assert (s[1:-1] / start[1:-1] - 1).abs().max() > 1e-3  # the interior points moved
     # the best validation error recorded during training is the error of sampling with the saved file
-    run = DistillRun(gm, "epd", 5, **opts)
+    run = DistillRun(gm, solver, 5, **opts)
     run.use_grid(p.meta["schedule"], p.meta["schedule_kwargs"])  # the grid the run chose
     val_x0 = start_states(gm.prior_scale, gm.shape, SeedRange(VALIDATION_SEED_BASE, 16))
     spec, _ = run.choose_teacher(val_x0)
@@ -387,3 +388,19 @@ def test_learned_grid_keeps_the_end_points_and_is_what_the_file_samples(tmp_path
     assert err == pytest.approx(p.meta["training"]["best_val_rmse"], rel=1e-9)
     with pytest.raises(ValueError, match="learn_grid needs loss='final'"):
         distill(gm, "epd", 5, learn_grid=True, loss="per_step", trajectories=4, cache_dir=tmp_path)
+
+
+def test_lbfgs_line_search_shortens_a_step_into_an_undefined_region():
+    """A trial point where the loss is undefined (FloatingPointError, e.g. a learned grid whose points collapse)
+    is a step too long, not the end of the round: min (x - 1)^2 over the region x <= 0.5 ends inside it."""
+    from epd_solver.distillation.optim import lbfgs
+
+    def fun(x):
+        if float(x[0]) > 0.5:
+            raise FloatingPointError("outside")
+        return float((x[0] - 1) ** 2), 2 * (x - 1)
+
+    out = lbfgs(fun, torch.tensor([-3.0], dtype=torch.float64), 20)
+    assert 0.4 < float(out.x[0]) <= 0.5 and out.f < 16
+    with pytest.raises(FloatingPointError):  # the start point itself still propagates
+        lbfgs(fun, torch.tensor([2.0], dtype=torch.float64), 5)

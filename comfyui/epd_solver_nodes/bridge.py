@@ -204,7 +204,8 @@ def distill_for_guider(model, positive, negative, cfg: float, latent: torch.Tens
     meta = dict(params.meta, comfyui=dict(family, cfg=float(cfg)))
     return EPDParams(params.r, params.weights, params.dir_scale, params.time_scale, params.sigmas, afs=params.afs,
                      plugin_order=params.plugin_order, solver=params.solver, parameterization=params.parameterization,
-                     scale_dir=params.scale_dir, scale_time=params.scale_time, raw=params.raw, meta=meta)
+                     scale_dir=params.scale_dir, scale_time=params.scale_time, raw=params.raw, meta=meta,
+                     extra=params.extra)
 
 
 def validation_line(params: EPDParams) -> str:

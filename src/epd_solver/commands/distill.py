@@ -27,14 +27,16 @@ def _count_or_auto(text: str) -> int | str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "distill", help="distil a learned solver (EPD, EPD-Plugin, AMED, AMED-Plugin) for a model",
+        "distill", help="distil a learned solver (EPD, EPD-Plugin, AMED, AMED-Plugin, learned weights) for a model",
         description="Distil the per-step table of a learned solver from a teacher on a refined grid, keep the "
                     "best table by held-out validation and compare it with the best training-free solver at the "
                     "same Para.NFE. Exit status 3 when it is not better (use --allow-worse to write it anyway). "
                     "Options left out take the recipe's value.")
     p.add_argument("--model", default="digits", help="digits (default) | digits-cond | gmm:digits | "
                    "gmm:digits-cond | gmm:synthetic | module:function | diffusers:PATH")
-    p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed or amed_plugin")
+    p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed, amed_plugin, lw "
+                   "(learned multistep weights: one evaluation per step, Para.NFE = evaluations) or epd_lw "
+                   "(EPD on the learned-weights host)")
     p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
                    help="named defaults (default: default); the options below override single settings")
@@ -57,7 +59,8 @@ def add_parser(sub) -> None:
                         "rho 2, the one with the lower error on the selection set (or validation) is kept")
     g.add_argument("--rho", type=float, help="schedule exponent (polynomial, time_uniform)")
     g.add_argument("--plugin-order", type=int, help="Adams-Bashforth order of the plugin solvers")
-    g.add_argument("--parameterization", choices=["ordered", "official", "paper"])
+    g.add_argument("--parameterization", choices=["ordered", "official", "paper", "additive"],
+                   help="EPD tables: ordered | official | paper; lw: additive (its only one)")
     g.add_argument("--init", choices=["deterministic", "randn", "end", "auto"],
                    help="tables' start: deterministic r = k/(K+1); randn (official); end: every step but the last "
                         "evaluated near its end, the last near its start; auto (the default recipe's): each "
@@ -186,7 +189,7 @@ def _run(args, main: bool) -> int:
 
     feature = import_callable(args.feature_extractor, "--feature-extractor") if args.feature_extractor else None
 
-    if args.afs is None and main:
+    if args.afs is None and main and args.solver != "lw":  # lw reaches every NFE either way (its recipe: AFS on)
         print(f"AFS {'on' if args.nfe % 2 else 'off'}: Para.NFE {args.nfe} is {'odd' if args.nfe % 2 else 'even'} "
               "(--afs / --no-afs to choose)", file=sys.stderr)
 

@@ -18,7 +18,7 @@ def rows() -> list[dict]:
     from ..solvers.settings import PAPER_ROWS
 
     learned_rows = {"epd": "EPD-Solver", "epd_plugin": "EPD-Plugin", "amed": "AMED-Solver",
-                    "amed_plugin": "AMED-Plugin"}
+                    "amed_plugin": "AMED-Plugin"}  # "lw" (learned multistep weights) has no row in the paper
     out = []
     for name in list_samplers():
         spec = sampler_spec(name)

@@ -12,10 +12,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..epd import EPDParams, EPDTables
+from ..epd import EPDLWTables, EPDParams, EPDTables, LWTables
 from ..schedules import schedule_label
 from .config import AUTO, GRID_CANDIDATES, INIT_CANDIDATES, DistillConfig
-from .grid import GridTables
+from .grid import GridTables, LWGridTables
 from .losses import DistillLoss
 from .student import Student
 from .train import TrainData, Trainer
@@ -52,6 +52,16 @@ class Candidates:
         c = self.cfg
 
         def make(init: str, seed: int) -> EPDTables:
+            if c.solver == "epd_lw":
+                if init_from is not None:
+                    raise ValueError("init_from (a warm start) is not supported for 'epd_lw'")
+                return EPDLWTables(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, init,
+                                   seed, order=c.plugin_order, sigmas=self.sigmas)
+            if c.solver == "lw":
+                if init_from is not None:
+                    raise ValueError("init_from (a warm start) is not supported for the learned-weights solver 'lw'")
+                cls = LWGridTables if c.learn_grid else LWTables
+                return cls(c.n_points - 1, c.plugin_order, c.scale_time, init, seed, sigmas=self.sigmas)
             cls = GridTables if c.learn_grid else EPDTables
             t = cls(c.n_points - 1, c.branches, c.parameterization, c.scale_dir, c.scale_time, init, seed,
                     sigmas=self.sigmas)

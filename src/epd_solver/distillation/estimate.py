@@ -64,7 +64,7 @@ def estimate(run, cfg=None) -> dict[str, Any]:
 
     c = cfg or run.cfg
     steps = c.n_points - 1
-    per_traj = steps * (c.branches + 1) - int(c.afs)  # student evaluations per trajectory
+    per_traj = c.evaluations  # student evaluations per trajectory
     t_all, v = c.trajectories, c.val_trajectories
     s = c.selection_noises
     check = max(1, s // 2) if s else 0

@@ -11,6 +11,7 @@ process, a large share of a distillation that takes seconds; and a plain state i
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -81,7 +82,8 @@ def lbfgs(fun: Callable[[torch.Tensor], tuple[float, torch.Tensor]], x0: torch.T
     """Minimise ``fun`` (returning the value and gradient at a flat float64 vector) from ``x0``.
 
     Stops after ``iterations`` accepted steps, when no step decreases the value, or at a zero gradient.
-    A non-finite value or gradient propagates as ``FloatingPointError`` from ``fun``.
+    A non-finite value or gradient propagates as ``FloatingPointError`` from ``fun`` at the start point; at a trial
+    point of the line search it counts as no decrease (the step is shortened).
     """
     x = x0.detach().clone()
     f, g = fun(x)
@@ -100,9 +102,12 @@ def lbfgs(fun: Callable[[torch.Tensor], tuple[float, torch.Tensor]], x0: torch.T
         step = 1.0 if s_hist else min(1.0, 1.0 / float(g.abs().sum()))
         for _ in range(max_backtracks):
             x_new = x + step * d
-            f_new, g_new = fun(x_new)
+            try:
+                f_new, g_new = fun(x_new)
+            except FloatingPointError:  # the trial step left the region where the loss is defined
+                f_new = math.inf
             evals += 1
-            if on_evaluation:
+            if on_evaluation and math.isfinite(f_new):
                 on_evaluation(f_new)
             if f_new <= f + c1 * step * slope:
                 break

@@ -4,7 +4,9 @@ Rollout modes: ``free`` runs from x_0 on the student's own states (the official 
 ``teacher_forced`` starts every step from the teacher state (AMED's single-step recipe). BPTT: ``full``
 keeps the graph through the whole prefix, so a loss at the last step reaches every row; ``detached`` cuts
 it between steps. Plugin solvers carry an Adams-Bashforth history through the rollout, so they support
-only free rollouts with full BPTT.
+only free rollouts with full BPTT, as does the learned-weights family ``lw`` (``epd/multistep.py``: one evaluation
+per step, its tables an :class:`~epd_solver.epd.LWTables`) and EPD on that host ``epd_lw``
+(:class:`~epd_solver.epd.EPDLWTables`).
 """
 
 from __future__ import annotations
@@ -13,23 +15,24 @@ from typing import Any, Callable
 
 import torch
 
-from ..epd import EPDTables, amed_plugin_rollout
+from ..epd import EPDTables, amed_plugin_rollout, lw_rollout
 from ..epd import rollout as epd_rollout
 from .conditions import merge_rows
 
 __all__ = ["SOLVERS", "ROLLOUTS", "BPTT_MODES", "Student", "branches_for"]
 
-SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin")
+SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin", "lw", "epd_lw")
 ROLLOUTS = ("free", "teacher_forced")
 BPTT_MODES = ("full", "detached")
-DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4}
+DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4, "lw": 4, "epd_lw": 4}  # lw, epd_lw: the history length
+HISTORY_SOLVERS = ("epd_plugin", "amed_plugin", "lw", "epd_lw")  # a history carried through the rollout
 
 
 def branches_for(solver: str, k: int) -> int:
     """K of a solver kind: AMED-Solver and AMED-Plugin insert one point per step."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown learned solver {solver!r}; choose one of {SOLVERS}")
-    if solver.startswith("amed"):
+    if solver.startswith("amed") or solver == "lw":
         return 1
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -46,16 +49,16 @@ class Student:
             raise ValueError(f"rollout must be one of {ROLLOUTS}, got {rollout!r}")
         if bptt not in BPTT_MODES:
             raise ValueError(f"bptt must be one of {BPTT_MODES}, got {bptt!r}")
-        plugin = solver.endswith("_plugin")
+        plugin = solver in HISTORY_SOLVERS
         if plugin and (rollout != "free" or bptt != "full"):
-            raise ValueError(f"{solver}: a plugin solver carries an Adams-Bashforth history through the rollout; "
+            raise ValueError(f"{solver}: a multistep solver carries a history of directions through the rollout; "
                              "only rollout='free' with bptt='full' is supported")
         if not plugin and plugin_order is not None:
             raise ValueError(f"solver {solver!r} takes no plugin_order")
         self.solver, self.afs, self.rollout, self.bptt, self.strategy = solver, bool(afs), rollout, bptt, strategy
         self.plugin_order = (plugin_order or DEFAULT_PLUGIN_ORDER[solver]) if plugin else None
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-        self._run: Callable[..., Any] = amed_plugin_rollout if solver == "amed_plugin" else epd_rollout
+        self._run: Callable[..., Any] = {"amed_plugin": amed_plugin_rollout, "lw": lw_rollout}.get(solver, epd_rollout)
 
     def grid_of(self, tables: EPDTables) -> torch.Tensor:
         """The grid the tables run on: their learned grid (``GridTables``) or the fixed student grid."""

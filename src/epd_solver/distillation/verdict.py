@@ -35,7 +35,7 @@ class Verdict:
         t_end = val_teacher[:, -1]
         refs: dict[str, tuple[str, torch.Tensor]] = {"teacher": (f"teacher:{self.teacher_id}", t_end)}
         out: dict[str, Any] = {"noises": val_x0.shape[0], "para_nfe": c.nfe,
-                               "evaluations": (c.n_points - 1) * (c.branches + 1) - int(c.afs),
+                               "evaluations": c.evaluations,
                                "student_rmse_teacher": rmse(end, t_end)}
         if self.exact and c.exact_check:
             exact = self.exact_endpoints(self.val_seeds, val_x0)

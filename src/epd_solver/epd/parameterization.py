@@ -120,6 +120,10 @@ class EPDTables(torch.nn.Module):
             a = 1 + offset
         return r, lam, c, a
 
+    def file_values(self) -> dict[str, torch.Tensor]:
+        """The natural tensors of a parameter file, by name."""
+        return dict(zip(("r", "weights", "dir_scale", "time_scale"), self.natural()))
+
     def raw(self) -> dict[str, torch.Tensor]:
         """Detached float64 copies of the raw tables (what a parameter file stores)."""
         return {n: getattr(self, n).detach().to(torch.float64).cpu().clone() for n in RAW_NAMES}

@@ -1,7 +1,8 @@
 """EPD parameter files: natural values + raw tables as safetensors, metadata as JSON in the header.
 
 A file holds float64 tensors ``r``, ``weights``, ``dir_scale``, ``time_scale`` (each (N-1, K)),
-``sigmas`` (N) and ``raw.<name>`` (the raw tables, if any), and one metadata entry ``"epd_solver"``: a JSON
+``sigmas`` (N), the solver family's own tensors (``FAMILY_TENSORS``: the learned-weights family "lw" adds
+``history_weights`` (N-1, m)) and ``raw.<name>`` (the raw tables, if any), and one metadata entry ``"epd_solver"``: a JSON
 object with the format, solver kind, K, N, the exact sigma grid, AFS, plugin order, parameterisation,
 s_d, s_t, the NFE and the free-form ``meta`` (schedule, model_id, teacher, teacher_nfe, loss,
 guidance_scale, version, ...). Loading never unpickles and validates everything; saving is atomic and
@@ -24,8 +25,13 @@ from ..files import write_atomic
 __all__ = ["EPDParams", "ParamsError", "ParamsFileError", "ParamsMismatchError", "SOLVERS", "FORMAT",
            "FORMAT_VERSION"]
 
-SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin")
-DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4}
+SOLVERS = ("epd", "epd_plugin", "amed", "amed_plugin", "lw", "epd_lw")
+# the host's Adams-Bashforth order; for "lw" / "epd_lw" the history length m (the width of history_weights)
+DEFAULT_PLUGIN_ORDER = {"epd_plugin": 3, "amed_plugin": 4, "lw": 4, "epd_lw": 4}
+# natural tensors a solver family stores beside r, weights, dir_scale, time_scale (a closed set per solver)
+FAMILY_TENSORS: dict[str, tuple[str, ...]] = {"lw": ("history_weights",), "epd_lw": ("history_weights",)}
+# solvers spending one evaluation per step (at its start: r = 0, weights = 1, dir_scale = 1, K = 1)
+ONE_EVALUATION = ("lw",)
 FORMAT, FORMAT_VERSION = "epd-params", 1
 METADATA_KEY = "epd_solver"
 VALUE_NAMES = ("r", "weights", "dir_scale", "time_scale")
@@ -36,6 +42,17 @@ MAX_JSON_DEPTH = 32  # the deepest metadata written is 5 levels; deeper nesting 
 HEADER_KEYS = frozenset({"format", "format_version", "solver", "k", "num_points", "sigmas", "afs", "plugin_order",
                          "parameterization", "scale_dir", "scale_time", "nfe", "library_version", "meta"})
 NATURAL = "natural"  # values given directly (no raw tables); the trained kinds are parameterization.KINDS
+
+
+def _kinds(solver: str) -> tuple[str, ...]:
+    """The parameterisations a solver's tables may be trained in (or ``natural``)."""
+    if solver == "lw":
+        from .multistep_tables import LW_KINDS
+
+        return LW_KINDS + (NATURAL,)
+    from .parameterization import KINDS
+
+    return KINDS + (NATURAL,)
 
 
 class ParamsError(ValueError):
@@ -137,12 +154,18 @@ class EPDParams:
     trailing 0. Construction validates (``ParamsError``): shapes, finiteness, r in [0, 1], weights on the
     simplex within 1e-6, positive scales (within s_d / s_t of 1 when those are known), and the solver
     kind (``amed*``: K = 1; ``*_plugin``: a plugin order in 1..4).
+
+    ``extra``: the family's own natural tensors, exactly the names ``FAMILY_TENSORS[solver]``. Learned
+    weights (``"lw"``): K = 1 with r = 0, weights = dir_scale = 1 (the step's one evaluation, at its start),
+    ``time_scale`` (N-1, 1) the network-time multiplier, ``history_weights`` (N-1, plugin_order) finite with
+    w[i, j] = 0 for j > i; ``plugin_order`` is the history length m (default 4).
     """
 
     def __init__(self, r: Any, weights: Any, dir_scale: Any, time_scale: Any, sigmas: Any, *, afs: bool = False,
                  plugin_order: int | None = None, solver: str = "epd", parameterization: str = "natural",
                  scale_dir: float | None = None, scale_time: float | None = None,
-                 raw: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None):
+                 raw: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
+                 extra: Mapping[str, Any] | None = None):
         self.r, self.weights = _f64(r, "r"), _f64(weights, "weights")
         self.dir_scale, self.time_scale = _f64(dir_scale, "dir_scale"), _f64(time_scale, "time_scale")
         self.sigmas = _f64(sigmas, "sigmas")
@@ -159,13 +182,14 @@ class EPDParams:
         elif plugin_order is not None:
             raise ParamsError(f"solver {solver!r} takes no plugin_order (got {plugin_order!r})")
         self.plugin_order = plugin_order
-        from .parameterization import KINDS
-
-        if not isinstance(parameterization, str) or parameterization not in KINDS + (NATURAL,):
-            raise ParamsError(f"parameterization must be one of {KINDS + (NATURAL,)}, got {parameterization!r}")
+        kinds = _kinds(solver)
+        if not isinstance(parameterization, str) or parameterization not in kinds:
+            raise ParamsError(f"parameterization must be one of {kinds}, got {parameterization!r} (solver "
+                              f"{solver!r})")
         self.parameterization = parameterization
         self.scale_dir, self.scale_time = _opt_scale(scale_dir, "scale_dir"), _opt_scale(scale_time, "scale_time")
         self.raw = {str(n): _f64(v, f"raw[{n!r}]") for n, v in (raw or {}).items()}
+        self.extra = {str(n): _f64(v, str(n)) for n, v in (extra or {}).items()}
         self.meta = dict(meta or {})
         try:
             json.dumps(self.meta, allow_nan=False)
@@ -182,12 +206,12 @@ class EPDParams:
         """From natural values (lists or tensors of shape (N-1, K)); c = a = 1 where not given.
 
         ``solver`` defaults to ``"epd"`` (``"epd_plugin"`` when ``plugin_order`` is given). The keywords
-        ``parameterization``, ``scale_dir``, ``scale_time`` and ``raw`` set those fields; all other
-        keywords go to ``meta``.
+        ``parameterization``, ``scale_dir``, ``scale_time``, ``raw`` and ``extra`` (the family's own tensors,
+        e.g. ``{"history_weights": w}`` for ``solver="lw"``) set those fields; all other keywords go to ``meta``.
         """
         r = _f64(r, "r")
         ones = torch.ones(r.shape, dtype=torch.float64)
-        fields = {k: meta.pop(k) for k in ("parameterization", "scale_dir", "scale_time", "raw") if k in meta}
+        fields = {k: meta.pop(k) for k in ("parameterization", "scale_dir", "scale_time", "raw", "extra") if k in meta}
         meta.setdefault("version", _library_version())
         solver = solver or ("epd" if plugin_order is None else "epd_plugin")
         return cls(r, weights, ones if dir_scale is None else dir_scale, ones if time_scale is None else time_scale,
@@ -202,18 +226,31 @@ class EPDParams:
                                           or not torch.allclose(tables.sigmas.cpu(), sig, rtol=GRID_RTOL, atol=0)):
             raise ParamsMismatchError("the tables were built for another sigma grid")
         with torch.no_grad():
-            r, lam, c, a = tables.natural()
+            values = tables.file_values()
+        common = [values.pop(n) for n in VALUE_NAMES]
         meta.setdefault("version", _library_version())
-        return cls(r, lam, c, a, sig, afs=afs, plugin_order=plugin_order, solver=solver,
+        return cls(*common, sig, afs=afs, plugin_order=plugin_order, solver=solver,
                    parameterization=tables.kind, scale_dir=tables.scale_dir, scale_time=tables.scale_time,
-                   raw=tables.raw(), meta=meta)
+                   raw=tables.raw(), meta=meta, extra=values)
 
     def to_tables(self, dtype: torch.dtype = torch.float64) -> Any:
-        """An :class:`EPDTables` holding this file's raw tables (for warm starts / further training)."""
+        """An :class:`EPDTables` (``"lw"``: an :class:`LWTables`) holding this file's raw tables (for warm starts /
+        further training)."""
         from .parameterization import EPDTables
 
         if not self.raw:
             raise ParamsError("these parameters carry no raw tables; use EPDTables.from_natural")
+        if self.solver == "lw":
+            from .multistep_tables import LWTables
+
+            lw = LWTables(self.steps, self.plugin_order, self.scale_time or 0.0, sigmas=self.sigmas, dtype=dtype)
+            return lw.load_raw_(self.raw)
+        if self.solver == "epd_lw":
+            from .multistep_tables import EPDLWTables
+
+            hosted = EPDLWTables(self.steps, self.k, self.parameterization, self.scale_dir or 0.0,
+                                 self.scale_time or 0.0, order=self.plugin_order, sigmas=self.sigmas, dtype=dtype)
+            return hosted.load_raw_(self.raw)
         tables = EPDTables(self.steps, self.k, self.parameterization, self.scale_dir or 0.0, self.scale_time or 0.0,
                            sigmas=self.sigmas, dtype=dtype)
         return tables.load_raw_(self.raw)
@@ -236,10 +273,22 @@ class EPDParams:
         return tuple(v.to(dtype=dtype or torch.float64, device=device)
                      for v in (self.r, self.weights, self.dir_scale, self.time_scale))
 
+    def values(self, dtype: torch.dtype | None = None, device: Any = None) -> tuple[torch.Tensor, ...]:
+        """The tables the solver's rollout takes: (r, weights, dir_scale, time_scale), for ``"epd_lw"`` followed by
+        history_weights, for ``"lw"`` (history_weights, time_scale)."""
+        if self.solver == "lw":
+            return tuple(v.to(dtype=dtype or torch.float64, device=device)
+                         for v in (self.extra["history_weights"], self.time_scale))
+        extra = tuple(self.extra[n].to(dtype=dtype or torch.float64, device=device)
+                      for n in FAMILY_TENSORS.get(self.solver, ()))
+        return self.natural(dtype, device) + extra
+
     def nfe(self) -> dict[str, Any]:
-        """NFE per sample on the grid: Para.NFE = 2(N-1) - [AFS]; evaluations = (N-1)(K+1) - [AFS]."""
-        para = 2 * self.steps - int(self.afs)
-        evals = self.steps * (self.k + 1) - int(self.afs)
+        """NFE per sample on the grid: Para.NFE = 2(N-1) - [AFS]; evaluations = (N-1)(K+1) - [AFS]; one evaluation
+        per step (``"lw"``): both N-1 - [AFS]."""
+        per_step = (1, 1) if self.solver in ONE_EVALUATION else (2, self.k + 1)
+        para = per_step[0] * self.steps - int(self.afs)
+        evals = per_step[1] * self.steps - int(self.afs)
         mult = int(self.meta.get("cfg_multiplier", 1))
         return {"para_nfe": para, "evaluations": evals, "cfg_multiplier": mult, "network_rows": evals * mult,
                 "teacher_nfe": self.meta.get("teacher_nfe")}
@@ -274,6 +323,7 @@ class EPDParams:
         self._check_scales()
         if self.solver.startswith("amed") and self.k != 1:
             raise ParamsError(f"solver {self.solver!r} has one inserted point per step (K = 1), got K = {self.k}")
+        self._check_extra()
         for n, v in self.raw.items():
             if not torch.isfinite(v).all():
                 raise ParamsError(f"raw table {n!r} contains NaN or infinite values")
@@ -310,16 +360,40 @@ class EPDParams:
                               if self.scale_time is not None else
                               "time_scale must lie in (0, 2) when no scale_time bound is recorded")
 
+    def _check_extra(self) -> None:
+        """The family's own tensors: exactly the declared names, finite, their shapes; "lw"'s fixed columns."""
+        want = FAMILY_TENSORS.get(self.solver, ())
+        if set(self.extra) != set(want):
+            raise ParamsError(f"solver {self.solver!r} stores the tensors {list(want)} beside the common ones, got "
+                              f"{sorted(self.extra)}")
+        for name, v in self.extra.items():
+            if not torch.isfinite(v).all():
+                raise ParamsError(f"{name} contains NaN or infinite values")
+        if self.solver == "lw" and (self.k != 1 or torch.any(self.r != 0) or torch.any(self.weights != 1)
+                                    or torch.any(self.dir_scale != 1)):
+            raise ParamsError("solver 'lw' evaluates once per step at its start: K = 1, r = 0, weights = 1 and "
+                              "dir_scale = 1")
+        if "history_weights" not in self.extra:
+            return
+        from .multistep import history_mask
+
+        w, shape = self.extra["history_weights"], (self.steps, self.plugin_order)
+        if tuple(w.shape) != shape:
+            raise ParamsError(f"history_weights must have shape (N-1, plugin_order) = {shape}, got {tuple(w.shape)}")
+        if torch.any(w[~history_mask(*shape)] != 0):
+            raise ParamsError("history_weights[i, j] with j > i weighs a direction step i does not have: it must be 0")
+
     def _check_raw(self) -> None:
         """The stored raw tables must reproduce the stored natural values."""
         try:
             tables = self.to_tables()
             with torch.no_grad():
-                nat = tables.natural()
+                nat = tables.file_values()
         except (ValueError, TypeError, RuntimeError) as e:
             raise ParamsError(f"raw tables do not fit parameterisation {self.parameterization!r}: {e}") from None
-        for name, v, ref in zip(VALUE_NAMES, nat, (self.r, self.weights, self.dir_scale, self.time_scale)):
-            if not torch.allclose(v, ref, rtol=0, atol=1e-9):
+        stored = dict({n: getattr(self, n) for n in VALUE_NAMES}, **self.extra)
+        for name, ref in stored.items():
+            if name not in nat or nat[name].shape != ref.shape or not torch.allclose(nat[name], ref, rtol=0, atol=1e-9):
                 raise ParamsError(f"raw tables do not reproduce the stored {name}")
 
     def check_compatible(self, sigmas: Any = None, k: int | None = None, model_id: str | None = None) -> None:
@@ -359,6 +433,7 @@ class EPDParams:
         if path.exists() and not path.is_file():
             raise IsADirectoryError(f"{path} is not a regular file")
         tensors = {n: getattr(self, n) for n in VALUE_NAMES + ("sigmas",)}
+        tensors.update(self.extra)
         tensors.update({f"raw.{n}": v for n, v in self.raw.items()})
         meta = {METADATA_KEY: json.dumps(self.header(), allow_nan=False)}
         # without overwrite the name is taken by a link, so a file that appeared meanwhile is never replaced
@@ -459,10 +534,13 @@ def _read_tensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_file(header: dict, meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> EPDParams:
-    missing = [n for n in VALUE_NAMES + ("sigmas",) if n not in tensors]
+    solver = meta.get("solver")
+    family = FAMILY_TENSORS.get(solver, ()) if isinstance(solver, str) else ()
+    names = VALUE_NAMES + ("sigmas",) + family
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise ParamsFileError(f"{path}: missing tensors {missing}")
-    unknown = [n for n in tensors if n not in VALUE_NAMES + ("sigmas",) and not n.startswith("raw.")]
+    unknown = [n for n in tensors if n not in names and not n.startswith("raw.")]
     if unknown:
         raise ParamsFileError(f"{path}: unexpected tensors {unknown}")
     if not isinstance(meta.get("meta", {}), dict):
@@ -476,7 +554,7 @@ def _from_file(header: dict, meta: dict, tensors: dict[str, torch.Tensor], path:
             afs=meta.get("afs"), plugin_order=meta.get("plugin_order"), solver=meta.get("solver"),
             parameterization=meta.get("parameterization"), scale_dir=meta.get("scale_dir"),
             scale_time=meta.get("scale_time"), raw={n[4:]: t for n, t in tensors.items() if n.startswith("raw.")},
-            meta=meta.get("meta"))
+            meta=meta.get("meta"), extra={n: tensors[n] for n in family})
     except ParamsError as e:
         raise ParamsFileError(f"{path}: {e}") from None
     _check_header(meta, params, path)

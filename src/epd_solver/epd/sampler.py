@@ -1,4 +1,4 @@
-"""Learned samplers in the k-diffusion convention: "epd", "epd_plugin", "amed", "amed_plugin".
+"""Learned samplers in the k-diffusion convention: "epd", "epd_plugin", "amed", "amed_plugin", "lw".
 
 Each takes ``params=`` (an :class:`EPDParams` of its own solver kind, or a path to a parameter file) and
 ``strategy=`` ("batched" | "sequential"). The shared ``register_sampler`` wrapper validates inputs, counts
@@ -6,7 +6,8 @@ NFE, handles a trailing sigma = 0 (x <- D(x; sigma_min), +1 NFE) and ``return_in
 
 "amed" is AMED-Solver (Zhou et al., CVPR 2024) as the K = 1 EPD step with a per-step table of r, c, a instead of
 AMED's small feature network (the same table for every sample); "amed_plugin" is AMED-Plugin over iPNDM
-(AMED) with the same kind of table.
+(AMED) with the same kind of table. "lw" is the learned-weights family (``epd/multistep.py``): one evaluation per
+step, a learned combination of the history of directions and a learned time scale, iPNDM at its init.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from ..denoisers import has_bounded_time, model_info
 from ..contract import NFECounter, register_sampler
 from .params import GRID_RTOL, EPDParams, ParamsMismatchError
+from .multistep import lw_rollout
 from .step import amed_plugin_rollout, rollout
 
 __all__ = ["base_model_id", "check_model_fit", "model_id_of", "sample_epd", "sample_epd_solver", "sample_epd_plugin",
-           "sample_amed", "sample_amed_plugin"]
+           "sample_amed", "sample_amed_plugin", "sample_lw", "sample_epd_lw"]
 
 
 def model_id_of(model: Any) -> str:
@@ -98,9 +100,9 @@ def _resolve(params: Any, solver: str, sigmas: torch.Tensor, model: Any, allow_o
 def _run(solver: str, model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model
          ) -> torch.Tensor:
     params = _resolve(params, solver, sigmas, model, allow_other_model)
-    run = amed_plugin_rollout if solver == "amed_plugin" else rollout
+    run = {"amed_plugin": amed_plugin_rollout, "lw": lw_rollout}.get(solver, rollout)
     with torch.no_grad():
-        return run(model, x, sigmas, *params.natural(x.dtype, x.device), afs=params.afs,
+        return run(model, x, sigmas, *params.values(x.dtype, x.device), afs=params.afs,
                    plugin_order=params.plugin_order, extra_args=extra_args, strategy=strategy, callback=callback,
                    disable=disable)
 
@@ -133,8 +135,23 @@ def sample_amed_plugin(model, x, sigmas, extra_args=None, callback=None, disable
     return _run("amed_plugin", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
 
 
+@register_sampler("epd_lw", rounds_per_step=2, family="learned", learned=True)
+def sample_epd_lw(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
+                  strategy="batched", allow_other_model=False):
+    """EPD on the learned-weights host: EPD branch points along a learned combination of the history."""
+    return _run("epd_lw", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
+
+
+@register_sampler("lw", rounds_per_step=1, family="learned", learned=True)
+def sample_lw(model, x, sigmas, extra_args=None, callback=None, disable=None, *, params=None,
+              strategy="batched", allow_other_model=False):
+    """Learned multistep weights: one evaluation per step, learned history weights and time scale (iPNDM at init)."""
+    return _run("lw", model, x, sigmas, extra_args, callback, disable, params, strategy, allow_other_model)
+
+
 _BY_SOLVER: dict[str, Callable[..., Any]] = {"epd": sample_epd_solver, "epd_plugin": sample_epd_plugin,
-                                             "amed": sample_amed, "amed_plugin": sample_amed_plugin}
+                                             "amed": sample_amed, "amed_plugin": sample_amed_plugin,
+                                             "lw": sample_lw, "epd_lw": sample_epd_lw}
 
 
 def sample_epd(model, x, sigmas, params=None, extra_args=None, callback=None, disable=None, *,

@@ -141,20 +141,27 @@ def _check_rollout(x: Any, sigmas: Any, tables: Sequence[Any], strategy: str) ->
     return s, out
 
 
-def rollout(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, r: Any, lam: Any, c: Any, a: Any, *,
-            afs: bool = False, plugin_order: int | None = None, extra_args: dict[str, Any] | None = None,
-            strategy: str = "batched", return_states: bool = False, callback: Callable[[dict], Any] | None = None,
-            disable: bool | None = True):
-    """EPD (``plugin_order=None``) or EPD-Plugin over ``sigmas`` (N points, no trailing 0).
+def rollout(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, r: Any, lam: Any, c: Any, a: Any,
+            history_weights: Any = None, *, afs: bool = False, plugin_order: int | None = None,
+            extra_args: dict[str, Any] | None = None, strategy: str = "batched", return_states: bool = False,
+            callback: Callable[[dict], Any] | None = None, disable: bool | None = True):
+    """EPD (``plugin_order=None``), EPD-Plugin, or EPD on the learned-weights host over ``sigmas`` (N points, no
+    trailing 0).
 
     ``r, lam, c, a``: tables of shape (N-1, K), row i for step i. AFS replaces the evaluation at i = 0.
     EPD-Plugin builds the branch points along AB_q(d_i, history) with q = min(plugin_order, 1 + |history|);
     the history holds earlier base directions only (the AFS value at i = 0), never branch gradients, and
-    starts empty on every call. Returns x_{N-1}, or ``(x_{N-1}, [x_1, ..., x_{N-1}])``.
+    starts empty on every call. ``history_weights`` (N-1, m) (the ``"epd_lw"`` host, ``plugin_order`` = m)
+    replaces the fixed coefficients: the branch points lie along sum_j w_{i,j} d_{i-j} (see
+    ``epd/multistep.py``). Returns x_{N-1}, or ``(x_{N-1}, [x_1, ..., x_{N-1}])``.
     """
     s, (r, lam, c, a) = _check_rollout(x, sigmas, (r, lam, c, a), strategy)
     if plugin_order is not None:
         check_plugin_order(plugin_order)
+    if history_weights is not None:
+        from .multistep import check_history_weights
+
+        w = check_history_weights(history_weights, s.numel() - 1, plugin_order).to(device=x.device, dtype=x.dtype)
     extra_args = dict(extra_args or {})
     repeat_cond(extra_args, 1, x.shape[0])  # conditioning sizes checked before any evaluation
     history: list[torch.Tensor] = []
@@ -164,7 +171,10 @@ def rollout(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, r:
         denoised, d = evaluate(model, x, t_cur, extra_args, afs=afs and i == 0)
         report(callback, x, i, t_cur, denoised)
         direction = d
-        if plugin_order is not None:
+        if history_weights is not None:  # history: d_i, d_{i-1}, ... (newest first)
+            history = [d] + history[:w.shape[1] - 1]
+            direction = sum(w[i, j] * dj for j, dj in enumerate(history))
+        elif plugin_order is not None:
             direction = adams_bashforth(d, history, plugin_order)
             history = (history + [d])[-(plugin_order - 1):] if plugin_order > 1 else []
         x = epd_step(model, x, t_cur, t_next, r[i], lam[i], c[i], a[i], direction, extra_args, strategy)
