@@ -206,7 +206,7 @@ class DistillRun(DataSets, Candidates, Verdict):
         self.val_seeds = SeedRange(VALIDATION_SEED_BASE, self.cfg.val_trajectories)
         self.budget = None
         if self.cfg.budget not in (None, "off"):  # the recipe's parts scaled to the budget (``budget``)
-            from .budget import fit_budget
+            from .estimate import fit_budget
 
             self.budget = fit_budget(self, solver, nfe, recipe, options)
             self.cfg = self.budget.pop("config")

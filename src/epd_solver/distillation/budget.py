@@ -2,8 +2,8 @@
 ``"1h"``: model time at the seconds per evaluation measured on the model first), or ``"auto"`` (the default
 recipe's: both ``DEFAULT_EVALUATIONS`` and ``DEFAULT_DURATION``), or ``"off"`` (the recipe's sizes as they are).
 
-The recipe's parts shrink rung by rung (``RUNGS``, richest first) until the run's estimate (``estimate``) fits;
-options given explicitly are never changed. The order is the one measured to lose the least quality on the
+The recipe's parts shrink rung by rung (``RUNGS``, richest first) until the run's estimate fits
+(``estimate.fit_budget``); options given explicitly are never changed. The order is the one measured to lose the least quality on the
 digits mixture (benchmarks/results/distill_cost.md): the selection set and the teacher's refinement tolerance
 cost nothing down to the base of every rung; then fewer training trajectories with a smaller validation set;
 at the bottom one candidate grid, fewer L-BFGS steps and a fixed teacher.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["RUNGS", "DEFAULT_EVALUATIONS", "DEFAULT_DURATION", "parse_budget", "fit_budget", "BudgetError"]
+__all__ = ["RUNGS", "DEFAULT_EVALUATIONS", "DEFAULT_DURATION", "parse_budget", "BudgetError"]
 
 DEFAULT_EVALUATIONS = 700_000
 # seconds of model time at the measured speed: the bundled digits U-Net then distils in under 30 s on 2 CPU cores;
@@ -59,50 +59,3 @@ def parse_budget(value: Any) -> tuple[int | None, float | None]:
             return None, float(m.group(1)) * _UNITS[m.group(2)]
     raise BudgetError(f"budget {value!r} is not a number of model evaluations (e.g. 200000), a duration "
                       "(e.g. 90s, 10min, 1h), 'auto' or 'off'")
-
-
-def fit_budget(run, solver: str, nfe: int, recipe: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The richest rung whose estimate fits ``run.cfg.budget``: its config (``"config"``) and the record of the
-    choice (the caps, the measured seconds per evaluation, every rung tried)."""
-    from .config import make_config
-    from .estimate import estimate, measure_seconds, model_seconds
-
-    if recipe != "default":
-        raise BudgetError(f"budget scales the default recipe; recipe {recipe!r} has fixed sizes (drop the budget or "
-                          "use recipe='default')")
-    cap_evals, cap_seconds = parse_budget(run.cfg.budget)
-    seconds = None
-    if cap_seconds is not None:
-        with run.meter.phase("probe"):
-            seconds = measure_seconds(run)
-    given = {k for k, v in options.items() if v is not None}
-    tried, chosen = [], None
-    for j, rung in enumerate(RUNGS):
-        values = {k: v for k, v in rung.items() if k not in given}
-        cfg = make_config(solver, nfe, recipe, **{**options, **values})
-        est = estimate(run, cfg)
-        secs = model_seconds(est, seconds) if seconds else None
-        fits = (cap_evals is None or est["total"] <= cap_evals) and (cap_seconds is None or secs <= cap_seconds)
-        tried.append({"rung": j, "overrides": values, "evaluations": est["total"], "model_seconds": secs})
-        if fits:
-            chosen = (j, cfg, est, secs)
-            break
-    fitted = chosen is not None
-    if chosen is None:  # nothing fits: the smallest recipe, said so
-        chosen = (len(RUNGS) - 1, cfg, est, secs)
-    if run.data_parallel:  # every rank measured its own speed; rank 0's choice is the run's
-        from .. import distributed as dist_utils
-
-        index = dist_utils.broadcast_object(chosen[0])
-        if index != chosen[0]:
-            values = {k: v for k, v in RUNGS[index].items() if k not in given}
-            cfg = make_config(solver, nfe, recipe, **{**options, **values})
-            chosen = (index, cfg, estimate(run, cfg), None)
-    j, cfg, est, secs = chosen
-    caps = " and ".join(x for x in (f"{cap_evals:,} evaluations" if cap_evals else "",
-                                    f"{cap_seconds:g} s of model time" if cap_seconds else "") if x)
-    note = (f"budget {run.cfg.budget!r} ({caps}): rung {j} of {len(RUNGS) - 1}, {cfg.trajectories} trajectories"
-            if fitted else f"budget {run.cfg.budget!r} ({caps}) is below the smallest recipe: using it anyway "
-                           f"(~{est['total']:,} evaluations)")
-    return {"config": cfg, "requested": run.cfg.budget, "evaluations_cap": cap_evals, "seconds_cap": cap_seconds,
-            "seconds": seconds, "rung": j, "fits": fitted, "tried": tried, "note": note}

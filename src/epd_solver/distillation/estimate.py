@@ -20,7 +20,7 @@ from .config import AUTO, SELECTION_REFERENCE
 from .datasets import CONVERGENCE_SUBSET
 from .verdict import CHECK_BASELINES
 
-__all__ = ["estimate", "measure_seconds", "model_seconds", "LBFGS_EVALS_PER_STEP", "describe"]
+__all__ = ["estimate", "fit_budget", "measure_seconds", "model_seconds", "LBFGS_EVALS_PER_STEP", "describe"]
 
 LBFGS_EVALS_PER_STEP = 1.25  # loss evaluations per accepted L-BFGS step (backtracking); 1.24 measured on gmm:digits
 
@@ -201,3 +201,50 @@ def _duration(s: float) -> str:
     if s < 5400:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
+
+
+def fit_budget(run, solver: str, nfe: int, recipe: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The richest rung whose estimate fits ``run.cfg.budget``: its config (``"config"``) and the record of the
+    choice (the caps, the measured seconds per evaluation, every rung tried)."""
+    from .budget import RUNGS, BudgetError, parse_budget
+    from .config import make_config
+
+    if recipe != "default":
+        raise BudgetError(f"budget scales the default recipe; recipe {recipe!r} has fixed sizes (drop the budget or "
+                          "use recipe='default')")
+    cap_evals, cap_seconds = parse_budget(run.cfg.budget)
+    seconds = None
+    if cap_seconds is not None:
+        with run.meter.phase("probe"):
+            seconds = measure_seconds(run)
+    given = {k for k, v in options.items() if v is not None}
+    tried, chosen = [], None
+    for j, rung in enumerate(RUNGS):
+        values = {k: v for k, v in rung.items() if k not in given}
+        cfg = make_config(solver, nfe, recipe, **{**options, **values})
+        est = estimate(run, cfg)
+        secs = model_seconds(est, seconds) if seconds else None
+        fits = (cap_evals is None or est["total"] <= cap_evals) and (cap_seconds is None or secs <= cap_seconds)
+        tried.append({"rung": j, "overrides": values, "evaluations": est["total"], "model_seconds": secs})
+        if fits:
+            chosen = (j, cfg, est, secs)
+            break
+    fitted = chosen is not None
+    if chosen is None:  # nothing fits: the smallest recipe, said so
+        chosen = (len(RUNGS) - 1, cfg, est, secs)
+    if run.data_parallel:  # every rank measured its own speed; rank 0's choice is the run's
+        from .. import distributed as dist_utils
+
+        index = dist_utils.broadcast_object(chosen[0])
+        if index != chosen[0]:
+            values = {k: v for k, v in RUNGS[index].items() if k not in given}
+            cfg = make_config(solver, nfe, recipe, **{**options, **values})
+            chosen = (index, cfg, estimate(run, cfg), None)
+    j, cfg, est, secs = chosen
+    caps = " and ".join(x for x in (f"{cap_evals:,} evaluations" if cap_evals else "",
+                                    f"{cap_seconds:g} s of model time" if cap_seconds else "") if x)
+    note = (f"budget {run.cfg.budget!r} ({caps}): rung {j} of {len(RUNGS) - 1}, {cfg.trajectories} trajectories"
+            if fitted else f"budget {run.cfg.budget!r} ({caps}) is below the smallest recipe: using it anyway "
+                           f"(~{est['total']:,} evaluations)")
+    return {"config": cfg, "requested": run.cfg.budget, "evaluations_cap": cap_evals, "seconds_cap": cap_seconds,
+            "seconds": seconds, "rung": j, "fits": fitted, "tried": tried, "note": note}
