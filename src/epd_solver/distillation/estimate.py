@@ -147,14 +147,19 @@ def run_round_size(c, j: int) -> int:
     return max(min(c.trajectories, c.batch), math.ceil(c.trajectories / 2 ** (c.lbfgs_rounds - 1 - j)))
 
 
-def measure_seconds(run, rows: int | None = None, repeats: int = 2) -> dict[str, float]:
-    """Seconds per evaluation of ``run``'s model on its device: a forward of ``rows`` samples without
-    gradients, and the extra time of a backward through it (the best of ``repeats`` after one warm-up)."""
+def measure_seconds(run, rows: int | None = None, warmup_s: float = 0.3, measure_s: float = 0.3) -> dict[str, float]:
+    """Seconds per evaluation of ``run``'s model on its device: a forward of ``rows`` samples without gradients,
+    and the extra time of a backward through a quarter as many (memory). Each is called until ``warmup_s`` has
+    passed (a fresh process's first calls are many times slower: lazy initialisation, kernel selection), then
+    timed over at least ``measure_s`` and two calls (the best call counts)."""
     rows = rows or run._rows_per_batch(64)
-    x = run.starts(type(run.val_seeds)(run.val_seeds.start, rows))
+    back_rows = max(1, rows // 4)
+    seeds = type(run.val_seeds)(run.val_seeds.start, rows)
+    x = run.starts(seeds)
     sigma = torch.full((rows,), float(run.sigma_max) * 0.5, dtype=x.dtype, device=x.device)
-    cond = run.rows_for(type(run.val_seeds)(run.val_seeds.start, rows)) or {}
-    args = {**run.extra_args, **cond}
+    args = {**run.extra_args, **(run.rows_for(seeds) or {})}
+    back_args = {k: v[:back_rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v
+                 for k, v in args.items()}
     model = run.model  # metered: the probe's evaluations are counted (phase ``probe``)
 
     def forward() -> float:
@@ -164,17 +169,24 @@ def measure_seconds(run, rows: int | None = None, repeats: int = 2) -> dict[str,
         return time.perf_counter() - t
 
     def backward() -> float:
-        xg = x.detach().clone().requires_grad_(True)
+        xg = x[:back_rows].detach().clone().requires_grad_(True)
         t = time.perf_counter()
         with torch.enable_grad():  # gradients to the input only: the model's own parameters are left alone
-            torch.autograd.grad(model(xg, sigma, **args).square().sum(), xg)
+            torch.autograd.grad(model(xg, sigma[:back_rows], **back_args).square().sum(), xg)
         return time.perf_counter() - t
 
-    forward()
-    tf = min(forward() for _ in range(repeats))
-    backward()
-    tb = min(backward() for _ in range(repeats))
-    return {"rows": rows, "forward_s": tf / rows, "backward_s": max(tb - tf, 0.0) / rows}
+    def timed(call) -> float:
+        start = time.perf_counter()
+        while time.perf_counter() - start < warmup_s:
+            call()
+        times, start = [], time.perf_counter()
+        while len(times) < 2 or time.perf_counter() - start < measure_s:
+            times.append(call())
+        return min(times)
+
+    tf = timed(forward) / rows
+    tb = timed(backward) / back_rows
+    return {"rows": rows, "forward_s": tf, "backward_s": max(tb - tf, 0.0)}
 
 
 def model_seconds(est: dict[str, Any], seconds: dict[str, float]) -> float:
