@@ -112,7 +112,9 @@ def test_the_estimate_matches_what_a_run_spends(tmp_path, opts):
         same = p.meta["teacher"]["points"] == est["teacher_points"]
         spent = {k: v for k, v in spent.items() if k != "teacher" or same}
     for phase, counts in spent.items():
-        if phase == "training" and recipe == "default":
+        if phase == "probe":  # timed, so its calls vary; each run records its own
+            assert est["phases"]["probe"]["forward"] > 0
+        elif phase == "training" and recipe == "default":
             # the toy's line search backtracks more than the real problems' (1.24 steps per loss on gmm:digits;
             # the benchmark reports the estimate against the count on each problem)
             ratio = est["phases"][phase]["forward"] / counts["forward"]

@@ -99,16 +99,16 @@ def plan(model: Any, solver: str = "epd", nfe: int = 5, *, recipe: str = "defaul
     """What ``distill`` with the same arguments would do and cost, without doing it: its settings (after the
     budget), the estimated model evaluations per phase (cold cache) and the measured seconds per evaluation
     with the model time they make (a few evaluations of the model, counted in ``estimate["phases"]["probe"]``)."""
-    from .estimate import describe, estimate, measure_seconds, model_seconds
+    from .estimate import describe, measure_seconds, model_seconds
 
     for name in ("checkpoint", "checkpoint_every", "resume", "init_from", "on_iteration"):
         kwargs.pop(name, None)
     run = DistillRun(model, solver, nfe, recipe=recipe, **kwargs)
+    est = run.plan  # what distill would spend (the probe here, for the model time only, is not part of it)
     seconds = (run.budget or {}).get("seconds")
     if seconds is None:
         with run.meter.phase("probe"):
             seconds = measure_seconds(run)
-    est = estimate(run)
     return {"config": run.cfg.as_dict(), "estimate": est, "seconds": seconds,
             "model_seconds": model_seconds(est, seconds), "budget": run.budget, "line": describe(est, seconds) + (f"; {run.budget['note']}" if run.budget else "")}
 

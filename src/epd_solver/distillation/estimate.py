@@ -149,11 +149,12 @@ def run_round_size(c, j: int) -> int:
 
 def measure_seconds(run, rows: int | None = None, warmup_s: float = 0.3, measure_s: float = 0.3) -> dict[str, float]:
     """Seconds per evaluation of ``run``'s model on its device: a forward of ``rows`` samples without gradients,
-    and the extra time of a backward through a quarter as many (memory). Each is called until ``warmup_s`` has
-    passed (a fresh process's first calls are many times slower: lazy initialisation, kernel selection), then
-    timed over at least ``measure_s`` and two calls (the best call counts)."""
+    and the extra time of a backward through them (a quarter of them for large samples: memory). Each is called
+    until ``warmup_s`` has passed (a fresh process's first calls are many times slower: lazy initialisation,
+    kernel selection), then timed over ``measure_s``; at least 2 and at most 20 calls each, the best counts."""
     rows = rows or run._rows_per_batch(64)
-    back_rows = max(1, rows // 4)
+    # the backward on all rows for small samples (as training's chunks), a quarter of them for large ones (memory)
+    back_rows = rows if rows * math.prod(run.shape) <= 2**18 else max(1, rows // 4)
     seeds = type(run.val_seeds)(run.val_seeds.start, rows)
     x = run.starts(seeds)
     sigma = torch.full((rows,), float(run.sigma_max) * 0.5, dtype=x.dtype, device=x.device)
@@ -175,12 +176,13 @@ def measure_seconds(run, rows: int | None = None, warmup_s: float = 0.3, measure
             torch.autograd.grad(model(xg, sigma[:back_rows], **back_args).square().sum(), xg)
         return time.perf_counter() - t
 
-    def timed(call) -> float:
-        start = time.perf_counter()
-        while time.perf_counter() - start < warmup_s:
+    def timed(call, most: int = 20) -> float:  # a fast model: at most ``most`` calls each way
+        start, n = time.perf_counter(), 0
+        while n < 2 or (n < most and time.perf_counter() - start < warmup_s):
             call()
+            n += 1
         times, start = [], time.perf_counter()
-        while len(times) < 2 or time.perf_counter() - start < measure_s:
+        while len(times) < 2 or (len(times) < most and time.perf_counter() - start < measure_s):
             times.append(call())
         return min(times)
 
