@@ -3,10 +3,11 @@
 recipe's: both ``DEFAULT_EVALUATIONS`` and ``DEFAULT_DURATION``), or ``"off"`` (the recipe's sizes as they are).
 
 The recipe's parts shrink rung by rung (``RUNGS``, richest first) until the run's estimate fits
-(``estimate.fit_budget``); options given explicitly are never changed. The order is the one measured to lose the least quality on the
-digits mixture (benchmarks/results/distill_cost.md): the selection set and the teacher's refinement tolerance
-cost nothing down to the base of every rung; then fewer training trajectories with a smaller validation set;
-at the bottom one candidate grid, fewer L-BFGS steps and a fixed teacher.
+(``estimate.fit_budget``); options given explicitly are never changed. The order is the one measured to lose the
+least quality on the digits mixture (benchmarks/README.md, "Distillation cost"): the selection set, the init
+candidates and the teacher's refinement tolerance cost nothing, so every rung has their cheap settings; then fewer
+training trajectories with a smaller validation set; at the bottom one candidate grid, fewer L-BFGS steps and a
+fixed teacher.
 """
 
 from __future__ import annotations
