@@ -207,7 +207,9 @@ def distill_auto(model: Any, evaluations: int | None = None, rounds: int | None 
         rmse, ratio, noises = scores[j]
         rows.append({"solver": c.solver, "k": c.k, "nfe": c.nfe, "afs": c.afs, "evaluations": c.evaluations,
                      "rounds": c.rounds, f"{metric}_rmse": rmse, "ratio": ratio, "noises": noises,
-                     "better": bool((p.meta.get("validation") or {}).get("better")), "chosen": j == best,
+                     "better": bool((p.meta.get("validation") or {}).get("better")),
+                     "trajectories": p.meta["config"]["trajectories"],
+                     "budget_rung": (p.meta.get("budget") or {}).get("rung"), "chosen": j == best,
                      "reason": reason if j == best else
                      f"{metric} RMSE {rmse:.4g} >= {scores[best][0]:.4g} of {w.label()}"})
     params.meta["auto"] = {"budget": kind, "n": n, "metric": metric, "pinned": pinned, "candidates": rows,
