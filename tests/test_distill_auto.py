@@ -189,3 +189,13 @@ def test_a_distillation_budget_that_sizes_the_candidates_apart_pins_one_check_se
         {"select_noises": max(sizes)}
     assert _common_sets(model, cands, "default", {"budget": 700_000, "cache": False, "select_noises": 64}) == {}
     assert _common_sets(model, cands, "default", {"budget": "off", "cache": False}) == {}
+
+
+def test_without_a_check_set_the_validation_error_against_the_exact_end_point_decides(tmp_path):
+    model = mixture()
+    p = distill_auto(model, evaluations=3, cache_dir=tmp_path, **{**TINY, "select_noises": 0})
+    a = p.meta["auto"]
+    assert (a["metric"], a["reference"]) == ("validation", "exact")
+    assert p.nfe()["evaluations"] <= 3 and _sampled(model, p)[1] <= 3
+    best = min(a["candidates"], key=lambda r: r["validation_rmse"])
+    assert best["chosen"] and best["validation_rmse"] == p.meta["validation"]["student_rmse_exact"]

@@ -205,7 +205,8 @@ def _run(args, main: bool) -> int:
 
     feature = import_callable(args.feature_extractor, "--feature-extractor") if args.feature_extractor else None
 
-    if args.afs is None and main and args.solver not in ("lw", "auto"):  # lw reaches every NFE either way (its recipe: AFS on)
+    # lw reaches every NFE either way (its recipe: AFS on); auto chooses AFS per candidate
+    if args.afs is None and main and args.solver not in ("lw", "auto"):
         print(f"AFS {'on' if args.nfe % 2 else 'off'}: Para.NFE {args.nfe} is {'odd' if args.nfe % 2 else 'even'} "
               "(--afs / --no-afs to choose)", file=sys.stderr)
 
@@ -343,7 +344,8 @@ def _run_auto(args, main: bool, cond, options: dict, feature, ckpt, out, log) ->
 
         _remove_checkpoints([candidate_checkpoint(ckpt, c) for c in candidates_for(
             **budget, afs_allowed=afs_allowed, recipe=args.recipe, **options)])
-    params = distill_auto(cond.model, **budget, afs_allowed=afs_allowed, recipe=args.recipe, cache_dir=args.cache_dir, conditions=cond.conditions,
+    params = distill_auto(cond.model, **budget, afs_allowed=afs_allowed, recipe=args.recipe, cache_dir=args.cache_dir,
+                          conditions=cond.conditions,
                           cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
                           resume=args.resume, feature=feature, progress=not args.quiet, log=log, **options)
     return _report(args, main, cond, params, out, ckpt)

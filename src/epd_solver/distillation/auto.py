@@ -212,8 +212,9 @@ def distill_auto(model: Any, evaluations: int | None = None, rounds: int | None 
                      "budget_rung": (p.meta.get("budget") or {}).get("rung"), "chosen": j == best,
                      "reason": reason if j == best else
                      f"{metric} RMSE {rmse:.4g} >= {scores[best][0]:.4g} of {w.label()}"})
-    params.meta["auto"] = {"budget": kind, "n": n, "metric": metric, "pinned": pinned, "candidates": rows,
-                           "chosen": best, "reason": reason}
+    reference = "check set" if metric == "check" else params.meta["validation"]["reference"]  # exact or teacher
+    params.meta["auto"] = {"budget": kind, "n": n, "metric": metric, "reference": reference, "pinned": pinned,
+                           "candidates": rows, "chosen": best, "reason": reason}
     say(f"auto: chose {reason}")
     return params
 
