@@ -1,4 +1,6 @@
-"""``epd distill``: learn an EPD / EPD-Plugin / AMED / AMED-Plugin table for one model and Para.NFE.
+"""``epd distill``: learn an EPD / EPD-Plugin / AMED / AMED-Plugin / learned-weights table for one model and
+Para.NFE, or with ``--solver auto`` the best learned family within a per-sample budget (``--evaluations N`` or
+``--rounds N``; ``distillation.auto``).
 
 Exit status: 0 written; 2 bad input; 3 the distilled solver is not better than the best training-free
 solver at the same Para.NFE on the held-out noises (nothing written unless ``--allow-worse``).
