@@ -1,4 +1,6 @@
-"""``epd distill``: learn an EPD / EPD-Plugin / AMED / AMED-Plugin table for one model and Para.NFE.
+"""``epd distill``: learn an EPD / EPD-Plugin / AMED / AMED-Plugin / learned-weights table for one model and
+Para.NFE, or with ``--solver auto`` the best learned family within a per-sample budget (``--evaluations N`` or
+``--rounds N``; ``distillation.auto``).
 
 Exit status: 0 written; 2 bad input; 3 the distilled solver is not better than the best training-free
 solver at the same Para.NFE on the held-out noises (nothing written unless ``--allow-worse``).
@@ -35,9 +37,17 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="digits", help="digits (default) | digits-cond | gmm:digits | "
                    "gmm:digits-cond | gmm:synthetic | module:function | diffusers:PATH")
     p.add_argument("--solver", default="epd", help="epd (default), epd_plugin, amed, amed_plugin, lw "
-                   "(learned multistep weights: one evaluation per step, Para.NFE = evaluations) or epd_lw "
-                   "(EPD on the learned-weights host)")
-    p.add_argument("--nfe", type=int, default=5, help="Para.NFE, sequential rounds (default 5)")
+                   "(learned multistep weights: one evaluation per step, Para.NFE = evaluations), epd_lw "
+                   "(EPD on the learned-weights host) or auto (the best of lw, epd K=2, epd K=1 and epd_lw within "
+                   "--evaluations N or --rounds N)")
+    p.add_argument("--nfe", type=int, default=None, help="Para.NFE, sequential rounds (default 5; not with "
+                   "--solver auto)")
+    g = p.add_argument_group("--solver auto: a per-sample budget (one of these); the candidate families within it "
+                             "are distilled and the one with the lowest check-set error is written")
+    g.add_argument("--evaluations", type=int, help="throughput: at most N model evaluations per sample (EPD's K "
+                   "branches count K)")
+    g.add_argument("--rounds", type=int, help="latency: at most N sequential rounds per sample (Para.NFE: a batched "
+                   "call of K branches counts once)")
     p.add_argument("--recipe", default="default", choices=["default", "official", "amed"],
                    help="named defaults (default: default); the options below override single settings")
     p.add_argument("--out", help="parameter file to write (.safetensors); required unless --dry-run")
@@ -141,7 +151,15 @@ def _run(args, main: bool) -> int:
     from ..distillation import distill
     from ..solver_names import resolve_solver
 
-    args.solver = resolve_solver(args.solver, learned=True)
+    auto = args.solver == "auto"
+    if auto:
+        _check_auto(args)
+    else:
+        args.solver = resolve_solver(args.solver, learned=True)
+        if args.evaluations is not None or args.rounds is not None:
+            raise ValueError("--evaluations / --rounds are the per-sample budget of --solver auto; with --solver "
+                             f"{args.solver} give its Para.NFE with --nfe")
+        args.nfe = 5 if args.nfe is None else args.nfe
     if args.out is None and not args.dry_run:
         raise ValueError("--out FILE is required (the parameter file to write); --dry-run needs none")
     out = Path(args.out) if args.out else None
@@ -189,7 +207,8 @@ def _run(args, main: bool) -> int:
 
     feature = import_callable(args.feature_extractor, "--feature-extractor") if args.feature_extractor else None
 
-    if args.afs is None and main and args.solver != "lw":  # lw reaches every NFE either way (its recipe: AFS on)
+    # lw reaches every NFE either way (its recipe: AFS on); auto chooses AFS per candidate
+    if args.afs is None and main and args.solver not in ("lw", "auto"):
         print(f"AFS {'on' if args.nfe % 2 else 'off'}: Para.NFE {args.nfe} is {'odd' if args.nfe % 2 else 'even'} "
               "(--afs / --no-afs to choose)", file=sys.stderr)
 
@@ -201,6 +220,8 @@ def _run(args, main: bool) -> int:
     from .conditioning import conditioning_of
 
     cond = conditioning_of(load_model(args.model), args)  # named errors before any work
+    if auto:
+        return _run_auto(args, main, cond, options, feature, ckpt, out, log)
     if args.dry_run:
         from ..distillation import plan
 
@@ -221,6 +242,13 @@ def _run(args, main: bool) -> int:
                      cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
                      resume=args.resume, init_from=args.init_from, feature=feature, progress=not args.quiet,
                      log=log, **options)
+    return _report(args, main, cond, params, out, ckpt)
+
+
+def _report(args, main: bool, cond, params, out: Path, ckpt: Path) -> int:
+    """The summary and verdict lines, then the file written unless the table loses (exit 3)."""
+    from .. import distributed as dist_utils
+
     record = getattr(cond, "record", None)  # prompts: the negative prompt's text beside its digest
     if record is not None and "prompts_sha256" in record and params.meta.get("conditioning") is not None:
         params.meta["conditioning"]["negative_prompt"] = record.get("negative_prompt")
@@ -245,16 +273,81 @@ def _run(args, main: bool) -> int:
         print(report_line(v))
     if v and not v["better"] and not args.allow_worse:
         where = "check set" if "check" in v else "held-out noises"
-        print(f"epd distill: the distilled {params.solver} is NOT better than the best training-free solver at "
+        best = " (the best of --solver auto)" if "auto" in params.meta else ""
+        print(f"epd distill: the distilled {params.solver}{best} is NOT better than the best training-free solver at "
               f"Para.NFE {nfe['para_nfe']} on the {where}; nothing written to {out} (rerun with --resume "
               f"--allow-worse to write it anyway)", file=sys.stderr)
         return WORSE_STATUS
-    params.save(out, overwrite=args.force)
+    return _write(params, out, ckpt, args.force)
+
+
+def _write(params, out: Path, ckpt: Path, force: bool) -> int:
+    """Save the table and remove the run's checkpoints (a ``--solver auto`` run: every candidate's)."""
+    params.save(out, overwrite=force)
+    from ..distillation.auto import Candidate, candidate_checkpoint
+
+    runs = [ckpt] if "auto" not in params.meta else [
+        candidate_checkpoint(ckpt, Candidate(r["solver"], r["k"], r["nfe"], r["afs"], r["evaluations"]))
+        for r in params.meta["auto"]["candidates"]]
+    _remove_checkpoints(runs)
+    print(f"wrote {out}" + (f" ({params.solver}: epd sample --params {out} takes its solver from the file)"
+                            if "auto" in params.meta else ""))
+    return 0
+
+
+def _remove_checkpoints(runs) -> None:
     from ..distillation.api import budget_sizes_path, checkpoint_paths
 
-    for path in checkpoint_paths(ckpt, len(params.meta.get("grid_selection", {}).get("candidates", [None]))) + \
-            [budget_sizes_path(ckpt)]:
-        if path.exists():
-            path.unlink()
-    print(f"wrote {out}")
-    return 0
+    for run in runs:
+        for path in checkpoint_paths(run, 1) + checkpoint_paths(run, 8) + [budget_sizes_path(run)]:
+            if path.exists():
+                path.unlink()
+
+
+def _check_auto(args) -> None:
+    """Named errors for ``--solver auto``: one per-sample budget, and nothing the candidates choose."""
+    if args.nfe is not None:
+        raise ValueError("--nfe is not allowed with --solver auto: the budget (--evaluations N or --rounds N) sets "
+                         "each candidate's Para.NFE")
+    if args.evaluations is None and args.rounds is None:
+        raise ValueError("--solver auto needs a per-sample budget: --evaluations N (throughput: model evaluations "
+                         "per sample) or --rounds N (latency: sequential rounds, Para.NFE)")
+    if args.evaluations is not None and args.rounds is not None:
+        raise ValueError("--solver auto takes one per-sample budget, --evaluations N or --rounds N, not both")
+    for flag, given in (("--k", args.k is not None), ("--afs", args.afs is True),
+                        ("--init-from", args.init_from is not None)):
+        if given:
+            raise ValueError(f"{flag} is not allowed with --solver auto: each candidate family has its own"
+                             + (" (--no-afs keeps candidates without the analytical first step)"
+                                if flag == "--afs" else ""))
+
+
+def _run_auto(args, main: bool, cond, options: dict, feature, ckpt, out, log) -> int:
+    """``--solver auto``: every candidate within the budget distilled, the best written."""
+    from ..distillation.auto import candidates_for, distill_auto
+
+    options = {k: v for k, v in options.items() if k not in ("k", "afs")}
+    afs_allowed = args.afs is not False and bool(getattr(cond.model, "afs_allowed", True))
+    budget = dict(evaluations=args.evaluations, rounds=args.rounds)
+    if args.dry_run:
+        from ..distillation import plan
+
+        for c in candidates_for(**budget, afs_allowed=afs_allowed, recipe=args.recipe, **options):
+            p = plan(cond.model, c.solver, c.nfe, recipe=args.recipe, cache_dir=args.cache_dir,
+                     conditions=cond.conditions, cache=not args.no_cache, feature=feature, progress=False,
+                     **options, **c.options())
+            if main:
+                print(f"{c.label()}: {p['line']}")
+        if main:
+            print("dry run: nothing distilled, nothing written")
+        return 0
+    if args.force and not args.resume:  # a clean restart of every candidate, not a resume of a stale run
+        from ..distillation.auto import candidate_checkpoint
+
+        _remove_checkpoints([candidate_checkpoint(ckpt, c) for c in candidates_for(
+            **budget, afs_allowed=afs_allowed, recipe=args.recipe, **options)])
+    params = distill_auto(cond.model, **budget, afs_allowed=afs_allowed, recipe=args.recipe, cache_dir=args.cache_dir,
+                          conditions=cond.conditions,
+                          cache=not args.no_cache, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume, feature=feature, progress=not args.quiet, log=log, **options)
+    return _report(args, main, cond, params, out, ckpt)

@@ -45,8 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "split across ranks, or with --branch-parallel each call's rows (EPD's K branches) are.")
     p.add_argument("--model", default="digits", help="digits | digits-cond | gmm:digits | gmm:digits-cond | "
                    "gmm:synthetic | diffusers:PATH | module:function (default: digits)")
-    p.add_argument("--solver", required=True, help="a solver or alias: euler (ddim), heun (edm), dpm_2, dpmpp_2m, "
-                   "dpmpp_3m, unipc, ipndm, paradigms, epd, epd_plugin, amed, amed_plugin (`epd solvers` lists them)")
+    p.add_argument("--solver", help="a solver or alias: euler (ddim), heun (edm), dpm_2, dpmpp_2m, "
+                   "dpmpp_3m, unipc, ipndm, paradigms, epd, epd_plugin, amed, amed_plugin, lw, epd_lw (`epd solvers` "
+                   "lists them); with --params it may be left out: the parameter file's solver (e.g. the one "
+                   "`epd distill --solver auto` chose)")
     p.add_argument("--params", help="parameter file of a learned solver (epd, epd_plugin, amed, amed_plugin)")
     p.add_argument("--allow-other-model", action="store_true",
                    help="use a parameter file although it was distilled for another model id or sigma range")
@@ -317,6 +319,12 @@ def _prepare_out(out: Path, plan: dict[str, Any], seeds: list[int], fmt: str) ->
 def run(args: argparse.Namespace) -> int:
     from ..solver_names import resolve_solver
 
+    if args.solver is None:
+        if not args.params:
+            raise ValueError("--solver is required (or --params FILE, whose solver is then the file's)")
+        from ..epd import EPDParams
+
+        args.solver = EPDParams.load(args.params).solver
     args.solver = resolve_solver(args.solver)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
