@@ -230,11 +230,12 @@ def _run(args, main: bool) -> int:
         if main:
             c = p["config"]
             print(p["line"])
-            print(f"settings: {c['trajectories']} trajectories, {c['val_trajectories']} validation noises, "
-                  f"selection set {c['select_noises'] if c['select_noises'] != 'auto' else 'auto'}, grid "
-                  f"{c['schedule']}, init {c['init']}, teacher {c['teacher']} M={c['teacher_points']}, "
-                  f"{c['optimizer']} {c['lbfgs_rounds']}x{c['lbfgs_iterations']}" if c["optimizer"] == "lbfgs" else
-                  f"settings: {c['trajectories']} trajectories, adam {c['epochs']} epoch(s) of batch {c['batch']}")
+            if c["optimizer"] == "lbfgs":
+                print(f"settings: {c['trajectories']} trajectories, {c['val_trajectories']} validation noises, "
+                      f"selection set {c['select_noises']}, grid {c['schedule']}, init {c['init']}, teacher "
+                      f"{c['teacher']} M={c['teacher_points']}, lbfgs {c['lbfgs_rounds']}x{c['lbfgs_iterations']}")
+            else:
+                print(f"settings: {c['trajectories']} trajectories, adam {c['epochs']} epoch(s) of batch {c['batch']}")
             print("dry run: nothing distilled, nothing written")
         return 0
     params = distill(cond.model, args.solver, args.nfe, recipe=args.recipe, cache_dir=args.cache_dir,

@@ -203,7 +203,6 @@ class DistillRun(DataSets, Candidates, Verdict):
         self.target = model
         self.network_multiplier = int(getattr(model, "cfg_multiplier", 1))
         self.model = self.meter.wrap(model)
-        self.val_seeds = SeedRange(VALIDATION_SEED_BASE, self.cfg.val_trajectories)
         self.budget = None
         if self.cfg.budget not in (None, "off"):  # the recipe's parts scaled to the budget (``budget``)
             from .estimate import fit_budget

@@ -18,6 +18,8 @@ import torch
 
 from .config import AUTO, SELECTION_REFERENCE
 from .datasets import CONVERGENCE_SUBSET
+from .noise import VALIDATION_SEED_BASE, SeedRange
+from .train import round_size
 from .verdict import CHECK_BASELINES
 
 __all__ = ["estimate", "fit_budget", "measure_seconds", "model_seconds", "LBFGS_EVALS_PER_STEP", "describe"]
@@ -101,7 +103,7 @@ def estimate(run, cfg=None) -> dict[str, Any]:
     # training and the validations during it
     if c.optimizer == "lbfgs":
         rounds = c.lbfgs_rounds
-        sizes = [run_round_size(c, j) for j in range(rounds)]
+        sizes = [round_size(c, c.trajectories, j) for j in range(rounds)]
         loss_evals = 1 + c.lbfgs_iterations * LBFGS_EVALS_PER_STEP
         halving = bool(s) and len(grids) > 1 and c.select_after < rounds
         first = min(c.select_after, rounds) if halving else rounds
@@ -140,13 +142,6 @@ def estimate(run, cfg=None) -> dict[str, Any]:
             "not_estimated": ["exact"] if run.exact and c.compare and c.exact_check else []}
 
 
-def run_round_size(c, j: int) -> int:
-    """Trajectories of L-BFGS round ``j`` (as ``Trainer._round_size``)."""
-    if not c.progressive:
-        return c.trajectories
-    return max(min(c.trajectories, c.batch), math.ceil(c.trajectories / 2 ** (c.lbfgs_rounds - 1 - j)))
-
-
 def measure_seconds(run, rows: int | None = None, warmup_s: float = 0.3, measure_s: float = 0.3) -> dict[str, float]:
     """Seconds per evaluation of ``run``'s model on its device: a forward of ``rows`` samples without gradients,
     and the extra time of a backward through them (a quarter of them for large samples: memory). Each is called
@@ -155,7 +150,7 @@ def measure_seconds(run, rows: int | None = None, warmup_s: float = 0.3, measure
     rows = rows or run._rows_per_batch(64)
     # the backward on all rows for small samples (as training's chunks), a quarter of them for large ones (memory)
     back_rows = rows if rows * math.prod(run.shape) <= 2**18 else max(1, rows // 4)
-    seeds = type(run.val_seeds)(run.val_seeds.start, rows)
+    seeds = SeedRange(VALIDATION_SEED_BASE, rows)  # the first validation noises
     x = run.starts(seeds)
     sigma = torch.full((rows,), float(run.sigma_max) * 0.5, dtype=x.dtype, device=x.device)
     args = {**run.extra_args, **(run.rows_for(seeds) or {})}

@@ -38,7 +38,7 @@ from .optim import Adam, lbfgs
 from .student import Student
 from .validate import rmse
 
-__all__ = ["TrainData", "TrainOutcome", "Trainer", "CheckpointError", "config_hash"]
+__all__ = ["TrainData", "TrainOutcome", "Trainer", "CheckpointError", "config_hash", "round_size"]
 
 CHECKPOINT_FORMAT = "epd-distill-checkpoint"
 
@@ -74,6 +74,14 @@ class TrainOutcome:
     nonfinite_skipped: int
     history: list[dict[str, float]]
     resumed_from: int | None
+
+
+def round_size(cfg: DistillConfig, n: int, j: int) -> int:
+    """Trajectories used in L-BFGS round ``j`` of ``n``: all of them, or with ``progressive`` a doubling subset
+    ending with all in the last round (n/8, n/4, n/2, n for four rounds; at least one batch)."""
+    if not cfg.progressive:
+        return n
+    return max(min(n, cfg.batch), math.ceil(n / 2 ** (cfg.lbfgs_rounds - 1 - j)))
 
 
 def config_hash(cfg: DistillConfig) -> str:
@@ -260,11 +268,7 @@ class Trainer:
         return total, grad.to(torch.float64)
 
     def _round_size(self, j: int) -> int:
-        """Trajectories used in L-BFGS round ``j``: all of them, or with ``progressive`` a doubling subset
-        ending with all in the last round (n/8, n/4, n/2, n for four rounds; at least one batch)."""
-        if not self.cfg.progressive:
-            return self.n
-        return max(min(self.n, self.cfg.batch), math.ceil(self.n / 2 ** (self.cfg.lbfgs_rounds - 1 - j)))
+        return round_size(self.cfg, self.n, j)
 
     def _run_lbfgs(self, until: int | None = None) -> None:
         """Rounds of ``lbfgs_iterations`` L-BFGS steps on the training set; the memory restarts every round,
